@@ -7,6 +7,8 @@ Every reader returns a validated :class:`~bml_pipeline.volume.Volume` in RAS+ mm
 from __future__ import annotations
 
 import gzip
+import io
+import logging
 import zlib
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from bml_pipeline.io.orientation import affine_from_itk
 from bml_pipeline.volume import Volume, VolumeMeta
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+logger = logging.getLogger(__name__)
+
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 
 # DICOM tags read from the first slice of a series (SimpleITK keys "gggg|eeee").
@@ -32,13 +36,11 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, VolumeMeta]:
     """Array, RAS affine and metadata of a ``.nii``/``.nii.gz`` file (array in file order)."""
     import nibabel as nib
 
+    _check_nifti_header_spacing(path)
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for unreadable headers
         raise InputError(path, f"not a readable NIfTI file ({_short(exc)})") from None
-    zooms = img.header.get_zooms()[:3]
-    if any(z <= 0 for z in zooms):
-        raise InputError(path, f"zero or negative voxel spacing {tuple(float(z) for z in zooms)} in the header")
     try:
         array = np.asanyarray(img.dataobj)
     except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile) as exc:
@@ -49,8 +51,9 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, VolumeMeta]:
 
 def read_itk_file(path: Path) -> tuple[np.ndarray, np.ndarray, VolumeMeta]:
     """Array, RAS affine and metadata of a MetaImage/NRRD file via SimpleITK (array in x, y, z order)."""
-    import SimpleITK as sitk
+    sitk = _quiet_sitk()
 
+    _check_itk_header_spacing(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -60,7 +63,7 @@ def read_itk_file(path: Path) -> tuple[np.ndarray, np.ndarray, VolumeMeta]:
 
 def list_dicom_series(directory: Path) -> list[tuple[str, str]]:
     """(series instance UID, series description) of every DICOM series directly in ``directory``."""
-    import SimpleITK as sitk
+    sitk = _quiet_sitk()
 
     series = []
     for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory)) or ():
@@ -130,6 +133,44 @@ def _from_sitk(image, path: Path, meta: VolumeMeta) -> tuple[np.ndarray, np.ndar
     return array, affine, meta
 
 
+def _check_nifti_header_spacing(path: Path) -> None:
+    """Refuse zero or negative pixdim before nibabel silently replaces them by their absolute value."""
+    import nibabel as nib
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read(348)
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw), check=False)
+    except Exception as exc:  # unreadable: let nib.load produce the precise message
+        logger.debug("raw NIfTI header check skipped for %s: %s", path, exc)
+        return
+    ndim = int(header["dim"][0])
+    pixdim = [float(v) for v in header["pixdim"][1:min(ndim, 3) + 1]]
+    if any(not np.isfinite(v) or v <= 0 for v in pixdim):
+        raise InputError(path, f"zero or negative voxel spacing {tuple(pixdim)} in the header")
+
+
+def _check_itk_header_spacing(path: Path) -> None:
+    """Refuse zero or negative spacing in MetaImage/NRRD headers (ITK would flip or throw)."""
+    keys = {"elementspacing": "=", "spacings": ":"}
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8192).decode("latin-1")
+    except OSError:
+        return
+    for line in head.splitlines():
+        for key, sep in keys.items():
+            name, _, value = line.partition(sep)
+            if name.strip().lower() == key and value.strip():
+                try:
+                    values = [float(v) for v in value.split()]
+                except ValueError:
+                    continue
+                if any(not np.isfinite(v) or v <= 0 for v in values):
+                    raise InputError(path, f"zero or negative voxel spacing {tuple(values)} in the header")
+
+
 def _squeeze_to_3d(array: np.ndarray, path: Path) -> np.ndarray:
     if array.ndim > 3:
         extra = array.shape[3:]
@@ -155,6 +196,14 @@ def _dicom_tag(file: str, key: str) -> str | None:
         return None
     value = reader.GetMetaData(key).strip()
     return value or None
+
+
+def _quiet_sitk():
+    """SimpleITK with ITK's warnings silenced: they go to stderr, bypassing logging; we raise instead."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    return sitk
 
 
 def _is_number(text: str) -> bool:
