@@ -1,0 +1,383 @@
+"""Per-bone rigid alignment of a follow-up label map to its baseline.
+
+Each bone is registered on its own (bones move relative to each other between visits) with SimpleITK:
+truncated signed distance maps of the bone (bone + lesion labels) are matched with mean squares,
+multi-resolution, starting from the best of a few initial poses built from the centroids and principal
+axes of the bone's *epiphysis* (its voxels within ``region_mm`` of its cartilage plate). The metric only
+counts points of that epiphysis band that are away from both scans' field-of-view faces, so a shaft cut
+at a different height in the follow-up does not pull the alignment.
+
+The result maps baseline world points (RAS mm) to follow-up world points. The residual is the mean
+symmetric surface distance (mm) between the two epiphysis surfaces after alignment; a large residual
+means the scans are not of the same bone.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from itertools import product
+from typing import Any
+
+import numpy as np
+
+from bml_pipeline.errors import InputError
+from bml_pipeline.labels import LabelSchema
+from bml_pipeline.longitudinal.transform import RigidTransform
+from bml_pipeline.volume import Volume, bounding_box
+
+log = logging.getLogger(__name__)
+
+_FLIP = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS (its own inverse)
+_MAX_SURFACE_POINTS = 20000
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Parameters of the per-bone registration (lengths in mm).
+
+    Attributes:
+        region_mm: the epiphysis is the bone within this distance of its cartilage plate.
+        band_mm: signed distance maps are truncated at +-band_mm; points nearer than this to a scan's
+            field-of-view face are ignored.
+        grid_mm: spacing of the isotropic grid the distance maps are registered on.
+        shrink_factors: multi-resolution pyramid, coarse to fine (in units of ``grid_mm``).
+        smoothing_mm: Gaussian sigma per pyramid level (mm).
+        iterations: optimizer iterations per level.
+        sampling: fraction of masked fixed points sampled by the metric (fixed seed: deterministic).
+        seed: random seed of the metric sampling.
+        max_residual_mm: a residual above this means the two scans are not of the same bone.
+        min_coverage: least fraction of the baseline epiphysis surface that must map into the follow-up's
+            field of view for the alignment to be trusted.
+    """
+
+    region_mm: float = 30.0
+    band_mm: float = 6.0
+    grid_mm: float = 1.0
+    shrink_factors: tuple[int, ...] = (4, 2, 1)
+    smoothing_mm: tuple[float, ...] = (2.0, 1.0, 0.0)
+    iterations: int = 200
+    sampling: float = 0.5
+    seed: int = 20240601
+    max_residual_mm: float = 1.0
+    min_coverage: float = 0.5
+
+
+@dataclass(frozen=True, eq=False)
+class BoneAlignment:
+    """Alignment of one bone from baseline to follow-up.
+
+    Attributes:
+        bone: bone name in the label schema.
+        transform: baseline world (RAS mm) -> follow-up world (RAS mm).
+        centre_mm: centroid (RAS mm) of the baseline epiphysis; ``translation_mm`` is measured there.
+        residual_mm: mean symmetric surface distance (mm) of the epiphyses after alignment.
+        residual_p95_mm: 95th percentile of the same distances.
+        coverage: fraction of the baseline epiphysis surface that lies inside the follow-up's view.
+    """
+
+    bone: str
+    transform: RigidTransform
+    centre_mm: np.ndarray
+    residual_mm: float
+    residual_p95_mm: float
+    coverage: float
+
+    @property
+    def rotation_deg(self) -> float:
+        return self.transform.rotation_deg
+
+    @property
+    def translation_vector_mm(self) -> np.ndarray:
+        """Displacement (RAS mm) of the baseline epiphysis centroid."""
+        return self.transform.displacement_at(self.centre_mm)
+
+    @property
+    def translation_mm(self) -> float:
+        return float(np.linalg.norm(self.translation_vector_mm))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record (degrees, mm; matrix maps baseline RAS mm to follow-up RAS mm)."""
+        return {
+            "rotation_deg": round(self.rotation_deg, 4),
+            "translation_mm": round(self.translation_mm, 4),
+            "residual": round(self.residual_mm, 4),
+            "residual_p95_mm": round(self.residual_p95_mm, 4),
+            "coverage": round(self.coverage, 4),
+            "translation_vector_mm": [round(float(v), 4) for v in self.translation_vector_mm],
+            "centre_mm": [round(float(v), 4) for v in self.centre_mm],
+            "matrix": [[round(float(v), 8) for v in row] for row in self.transform.matrix],
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class _BoneField:
+    """Per-scan data of one bone: truncated signed distance map on a crop, masks, surface points."""
+
+    sdf: Volume            # float32 truncated SDF (mm, negative inside) on a crop of the label grid
+    fixed_mask: np.ndarray  # metric mask on sdf's grid: near-surface epiphysis band, inside the view
+    interior: np.ndarray    # sdf's grid voxels farther than band_mm from the scan's field-of-view faces
+    region_points: np.ndarray  # (N, 3) RAS mm of epiphysis voxels (initialisation)
+    surface: np.ndarray     # (M, 3) RAS mm points on the epiphysis surface, inside the view
+
+
+def align_bones(baseline: Volume, followup: Volume, schema: LabelSchema, *, bones: tuple[str, ...] | None = None,
+                config: AlignConfig | None = None) -> dict[str, BoneAlignment]:
+    """Align every bone present in both label maps (or the given ``bones``), in schema order."""
+    config = config or AlignConfig()
+    names = bones or tuple(s.name for s in schema.bones)
+    out = {}
+    for name in names:
+        ids = schema.bone_ids(name)
+        if not (np.isin(baseline.array, ids).any() and np.isin(followup.array, ids).any()):
+            log.info("%s missing at one visit; not aligned", name)
+            continue
+        out[name] = align_bone(baseline, followup, schema, name, config=config)
+    return out
+
+
+def align_bone(baseline: Volume, followup: Volume, schema: LabelSchema, bone: str, *,
+               config: AlignConfig | None = None) -> BoneAlignment:
+    """Rigidly align ``bone`` of the follow-up label map to the baseline's.
+
+    Args:
+        baseline, followup: label maps (any grids, any axis order) of the same knee.
+        schema: label schema (bone + lesion labels form the bone; its cartilage plate defines the epiphysis).
+        bone: bone name, e.g. ``"femur"``.
+        config: registration parameters.
+
+    Raises:
+        InputError: the bone is absent from either label map.
+    """
+    import SimpleITK as sitk
+
+    config = config or AlignConfig()
+    fixed = _bone_field(baseline, schema, bone, config)
+    moving = _bone_field(followup, schema, bone, config)
+    f_img, f_mask = _to_sitk(fixed.sdf, fixed.fixed_mask, config)
+    m_img, m_mask = _to_sitk(moving.sdf, moving.interior, config)
+
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMeanSquares()
+    method.SetMetricFixedMask(f_mask)
+    method.SetMetricMovingMask(m_mask)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(config.sampling, config.seed)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4,
+                                                    numberOfIterations=config.iterations,
+                                                    relaxationFactor=0.6, gradientMagnitudeTolerance=1e-8)
+    method.SetOptimizerScalesFromPhysicalShift()
+
+    centre = fixed.region_points.mean(axis=0)
+    candidates = _initial_poses(fixed.region_points, moving.region_points)
+    scores = []
+    for pose in candidates:
+        method.SetInitialTransform(_to_itk(pose, centre), inPlace=False)
+        method.SetShrinkFactorsPerLevel([config.shrink_factors[0]])
+        method.SetSmoothingSigmasPerLevel([config.smoothing_mm[0]])
+        method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+        scores.append(method.MetricEvaluate(f_img, m_img))
+    best = candidates[int(np.argmin(scores))]
+    log.debug("%s: initial pose scores %s", bone, np.round(scores, 3).tolist())
+
+    transform = _to_itk(best, centre)
+    method.SetInitialTransform(transform, inPlace=True)
+    method.SetShrinkFactorsPerLevel(list(config.shrink_factors))
+    method.SetSmoothingSigmasPerLevel(list(config.smoothing_mm))
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    method.Execute(f_img, m_img)
+    result = _from_itk(transform)
+    log.debug("%s: %s after %d iterations (%s)", bone, method.GetMetricValue(),
+              method.GetOptimizerIteration(), method.GetOptimizerStopConditionDescription())
+
+    distances, coverage = _surface_distances(fixed, moving, result)
+    return BoneAlignment(
+        bone=bone, transform=result, centre_mm=centre,
+        residual_mm=float(distances.mean()) if distances.size else float("inf"),
+        residual_p95_mm=float(np.percentile(distances, 95)) if distances.size else float("inf"),
+        coverage=coverage,
+    )
+
+
+# ---- per-scan preparation ---------------------------------------------------------------------
+
+def _bone_field(labels: Volume, schema: LabelSchema, bone: str, config: AlignConfig) -> _BoneField:
+    from scipy import ndimage
+
+    bone_mask = np.isin(labels.array, schema.bone_ids(bone))
+    if not bone_mask.any():
+        raise InputError(labels.meta.source, f"no {bone} voxels in the label map; cannot align it")
+    plate = schema.cartilage_of(bone)
+    cart_mask = labels.array == plate.id if plate is not None else np.zeros_like(bone_mask)
+    spacing = np.asarray(labels.spacing)
+    band_vox = np.ceil(config.band_mm / spacing).astype(int) + 1
+    if cart_mask.any():
+        margin = np.ceil((config.region_mm + 2 * config.band_mm) / spacing).astype(int) + 1
+        near = _grow(bounding_box(cart_mask), margin, labels.shape)
+        box = _intersect(near, _grow(bounding_box(bone_mask), band_vox, labels.shape))
+    else:
+        log.warning("%s: no %s cartilage; the whole bone drives its alignment", labels.meta.source, bone)
+        box = _grow(bounding_box(bone_mask), band_vox, labels.shape)
+    crop = labels.crop(box)
+    bone_c, cart_c = bone_mask[box], cart_mask[box]
+
+    inside = ndimage.distance_transform_edt(bone_c, sampling=spacing)
+    outside = ndimage.distance_transform_edt(~bone_c, sampling=spacing)
+    sdf = np.clip(np.where(bone_c, -inside, outside), -config.band_mm, config.band_mm).astype(np.float32)
+
+    if cart_c.any():
+        to_cart = _coarse_distance(cart_c, spacing)
+        region = bone_c & (to_cart <= config.region_mm)
+        near_region = to_cart <= config.region_mm + config.band_mm
+    else:
+        region, near_region = bone_c, np.ones_like(bone_c)
+
+    interior = np.zeros(labels.shape, dtype=bool)
+    interior[tuple(slice(int(m), max(int(n - m), int(m))) for m, n in zip(band_vox, labels.shape))] = True
+    interior = interior[box]
+    if not (region & interior).any():
+        raise InputError(labels.meta.source, f"the {bone} near its cartilage lies at the edge of the field of view")
+    fixed_mask = (np.abs(sdf) < config.band_mm) & near_region & interior
+    region_points = crop.world_coords(np.argwhere(region & interior)[:: max(1, int(region.sum()) // 50000)])
+    surface = _surface_points(crop, bone_c, region & interior)
+    return _BoneField(crop.with_array(sdf), fixed_mask, interior, region_points, surface)
+
+
+def _coarse_distance(mask: np.ndarray, spacing: np.ndarray, target_mm: float = 1.5) -> np.ndarray:
+    """Distance (mm) to ``mask``, computed on a grid pooled to about ``target_mm`` (accurate to ~1 voxel)."""
+    from scipy import ndimage
+
+    factors = np.maximum(1, np.floor(target_mm / spacing)).astype(int)
+    if np.all(factors == 1):
+        return ndimage.distance_transform_edt(~mask, sampling=spacing)
+    padded_shape = [int(np.ceil(n / f) * f) for n, f in zip(mask.shape, factors)]
+    padded = np.zeros(padded_shape, dtype=bool)
+    padded[tuple(slice(0, n) for n in mask.shape)] = mask
+    pooled = padded.reshape(padded_shape[0] // factors[0], factors[0], padded_shape[1] // factors[1], factors[1],
+                            padded_shape[2] // factors[2], factors[2]).any(axis=(1, 3, 5))
+    dist = ndimage.distance_transform_edt(~pooled, sampling=spacing * factors)
+    for axis, f in enumerate(factors):
+        dist = np.repeat(dist, f, axis=axis)
+    return dist[tuple(slice(0, n) for n in mask.shape)]
+
+
+def _surface_points(crop: Volume, mask: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """RAS mm midpoints of the faces between ``mask`` voxels and their non-mask 6-neighbours (where
+    ``keep`` holds on the mask side), subsampled evenly to at most ``_MAX_SURFACE_POINTS``."""
+    points = []
+    for axis in range(3):
+        for step in (1, -1):
+            shifted = np.roll(mask, -step, axis=axis)
+            edge = np.zeros_like(mask)
+            sl = [slice(None)] * 3
+            sl[axis] = slice(0, -1) if step == 1 else slice(1, None)
+            edge[tuple(sl)] = True
+            face = mask & ~shifted & keep & edge
+            ijk = np.argwhere(face).astype(np.float64)
+            ijk[:, axis] += 0.5 * step
+            points.append(ijk)
+    ijk = np.concatenate(points)
+    ijk = ijk[:: max(1, len(ijk) // _MAX_SURFACE_POINTS)]
+    return crop.world_coords(ijk)
+
+
+def _grow(box: tuple[slice, ...] | None, margin: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    assert box is not None
+    return tuple(slice(max(s.start - int(m), 0), min(s.stop + int(m), n)) for s, m, n in zip(box, margin, shape))
+
+
+def _intersect(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, ...]:
+    return tuple(slice(max(x.start, y.start), max(min(x.stop, y.stop), max(x.start, y.start) + 1)) for x, y in zip(a, b))
+
+
+# ---- initialisation ---------------------------------------------------------------------------
+
+def _initial_poses(fixed_pts: np.ndarray, moving_pts: np.ndarray) -> list[RigidTransform]:
+    """Candidate baseline->follow-up poses: centroid shift with no rotation, and the four proper rotations
+    taking the baseline epiphysis' principal axes onto the follow-up's."""
+    cf, cm = fixed_pts.mean(axis=0), moving_pts.mean(axis=0)
+    vf = np.linalg.eigh(np.cov((fixed_pts - cf).T))[1]
+    vm = np.linalg.eigh(np.cov((moving_pts - cm).T))[1]
+    poses = [RigidTransform.from_rotation(np.eye(3), cm - cf)]
+    for signs in product((1.0, -1.0), repeat=3):
+        rot = vm @ np.diag(signs) @ vf.T
+        if np.linalg.det(rot) > 0:
+            poses.append(RigidTransform.from_rotation(rot, cm - rot @ cf))
+    return poses
+
+
+# ---- SimpleITK bridges ------------------------------------------------------------------------
+
+def _to_sitk(sdf: Volume, mask: np.ndarray, config: AlignConfig):
+    """The SDF (linear) and mask (nearest) resampled to an isotropic ``grid_mm`` grid with the crop's
+    orientation, as SimpleITK images in LPS."""
+    import SimpleITK as sitk
+
+    from bml_pipeline.io.orientation import itk_geometry_from_affine
+
+    spacing, direction, origin = itk_geometry_from_affine(sdf.affine)
+    images = []
+    for array, pixel in ((sdf.array, sitk.sitkFloat32), (mask.astype(np.uint8), sitk.sitkUInt8)):
+        img = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+        img = sitk.Cast(img, pixel)
+        img.SetSpacing(spacing)
+        img.SetDirection(direction)
+        img.SetOrigin(origin)
+        images.append(img)
+    extent = np.asarray(sdf.shape) * np.asarray(spacing)
+    size = [int(np.ceil(e / config.grid_mm)) for e in extent]
+    out_origin = np.asarray(origin) + np.asarray(direction).reshape(3, 3) @ (
+        (np.full(3, config.grid_mm) - np.asarray(spacing)) / 2.0)
+    grid = dict(size=size, outputOrigin=tuple(out_origin.tolist()), outputSpacing=(config.grid_mm,) * 3,
+                outputDirection=direction)
+    sdf_img = sitk.Resample(images[0], transform=sitk.Transform(), interpolator=sitk.sitkLinear,
+                            defaultPixelValue=float(config.band_mm), outputPixelType=sitk.sitkFloat32, **grid)
+    mask_img = sitk.Resample(images[1], transform=sitk.Transform(), interpolator=sitk.sitkNearestNeighbor,
+                             defaultPixelValue=0, outputPixelType=sitk.sitkUInt8, **grid)
+    return sdf_img, mask_img
+
+
+def _to_itk(pose: RigidTransform, centre_ras: np.ndarray):
+    """A SimpleITK Euler3DTransform (LPS, rotation centre ``centre_ras``) equal to ``pose``."""
+    import SimpleITK as sitk
+
+    rot = _FLIP @ pose.rotation @ _FLIP
+    trans = _FLIP @ pose.matrix[:3, 3]
+    centre = _FLIP @ centre_ras
+    tx = sitk.Euler3DTransform()
+    tx.SetCenter(tuple(centre.tolist()))
+    tx.SetMatrix(tuple(rot.ravel().tolist()))
+    tx.SetTranslation(tuple((trans + rot @ centre - centre).tolist()))
+    return tx
+
+
+def _from_itk(tx) -> RigidTransform:
+    """RAS rigid transform equal to a SimpleITK (LPS) matrix-offset transform."""
+    rot = np.asarray(tx.GetMatrix()).reshape(3, 3)
+    centre = np.asarray(tx.GetCenter())
+    offset = np.asarray(tx.GetTranslation()) + centre - rot @ centre
+    return RigidTransform.from_rotation(_FLIP @ rot @ _FLIP, _FLIP @ offset)
+
+
+# ---- residual ---------------------------------------------------------------------------------
+
+def _surface_distances(fixed: _BoneField, moving: _BoneField, transform: RigidTransform) -> tuple[np.ndarray, float]:
+    """Distances (mm) of each epiphysis surface to the other after alignment (both directions, points
+    that land inside the other scan's view only), and the fraction of baseline surface points that do."""
+    d_fm, inside_fm = _sample_sdf(moving, transform.apply(fixed.surface))
+    d_mf, _ = _sample_sdf(fixed, transform.inverse().apply(moving.surface))
+    coverage = float(inside_fm.mean()) if inside_fm.size else 0.0
+    return np.abs(np.concatenate([d_fm, d_mf])), coverage
+
+
+def _sample_sdf(field: _BoneField, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Trilinear SDF values at RAS ``points`` that fall inside the field's view, and the in-view flags."""
+    from scipy import ndimage
+
+    ijk = field.sdf.voxel_coords(points)
+    near = np.clip(np.round(ijk).astype(int), 0, np.asarray(field.sdf.shape) - 1)
+    inside = np.all((ijk >= 0) & (ijk <= np.asarray(field.sdf.shape) - 1), axis=1)
+    inside &= field.interior[near[:, 0], near[:, 1], near[:, 2]]
+    values = ndimage.map_coordinates(field.sdf.array, ijk[inside].T, order=1, mode="nearest", prefilter=False)
+    return values.astype(np.float64), inside
