@@ -1,0 +1,152 @@
+"""Configuration of a segmentation model and of its training, as frozen dataclasses.
+
+Loaded from YAML (``configs/models/<name>.yaml``) with ``yaml.safe_load``; unknown keys are errors. The
+:class:`ModelConfig` part travels inside every weights file (as JSON in the safetensors metadata), so a
+weights file alone says how to run it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from bml_pipeline.errors import InputError
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """MONAI 3D ``UNet`` hyper-parameters (input layout (N, 1, D, H, W), output (N, classes, D, H, W))."""
+
+    channels: tuple[int, ...] = (8, 16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 2, 2)
+    num_res_units: int = 1
+    norm: str = "instance"
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Sliding-window settings; sizes in voxels of the working grid."""
+
+    roi_size: tuple[int, int, int] = (96, 96, 96)
+    overlap: float = 0.25
+    sw_batch_size: int = 1
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    slab_voxels: int = 8_000_000
+    """Input-grid voxels resampled back per chunk (bounds memory for large inputs)."""
+
+
+@dataclass(frozen=True)
+class BmlRefineConfig:
+    """Classical BML refinement on a fluid-sensitive image (Nielsen et al. 2014 style).
+
+    A bone voxel becomes a lesion voxel when its intensity exceeds that bone's normal-marrow mean by
+    ``k_sd`` standard deviations. Only meaningful on fluid-sensitive contrast (DESS, PD/T2 fat-sat,
+    STIR), where oedema-like marrow is bright; ``enabled`` is false by default and the refinement refuses
+    to run on contrast declared ``t1``.
+    """
+
+    enabled: bool = False
+    k_sd: float = 3.0
+    erode_mm: float = 1.5
+    """Bone margin (mm) excluded, so partial-volume cortex and cartilage do not count as lesion."""
+    min_component_mm3: float = 20.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to run a trained network on a new image."""
+
+    name: str
+    schema: str = "oai_zib"
+    num_classes: int = 10
+    working_spacing_mm: float = 0.7
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    bml_refine: BmlRefineConfig = field(default_factory=BmlRefineConfig)
+
+    def to_json(self) -> str:
+        """Canonical JSON of this config (sorted keys)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str | Path | None = None) -> ModelConfig:
+        """Build from a plain mapping; unknown keys raise :class:`InputError` naming ``source``."""
+        return _build(cls, raw, source, "model")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Training on images synthesized from label maps; paths relative to the working directory."""
+
+    label_dir: str = "../shared/data/oai_labels"
+    held_out: tuple[str, ...] = ()
+    run_dir: str = "runs/knee_synth_v1"
+    seed: int = 0
+    patch_size: tuple[int, int, int] = (80, 80, 80)
+    batch_size: int = 2
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-5
+    max_steps: int = 100_000
+    checkpoint_every: int = 200
+    validate_every: int = 1000
+    validation_volumes: int = 2
+    pool_size: int = 32
+    pool_refresh_every: int = 100
+    lesion_patch_fraction: float = 0.3
+    cartilage_patch_fraction: float = 0.4
+    threads: int = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A ``configs/models/<name>.yaml`` file: the model plus how to train it."""
+
+    model: ModelConfig
+    training: TrainingConfig
+
+
+_NESTED = {"network": NetworkConfig, "inference": InferenceConfig, "bml_refine": BmlRefineConfig}
+
+
+def _build(cls: type, raw: Any, source: str | Path | None, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise InputError(source, f"'{where}' must be a mapping")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise InputError(source, f"unknown keys in '{where}': {unknown}")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _NESTED:
+            values[key] = _build(_NESTED[key], value, source, f"{where}.{key}")
+        elif isinstance(value, list):
+            values[key] = tuple(value)
+        else:
+            values[key] = value
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise InputError(source, f"bad '{where}' section: {exc}") from None
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """Load a training YAML with top-level keys ``model`` and ``training``."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "config file not found") from None
+    except yaml.YAMLError as exc:
+        raise InputError(path, f"config is not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise InputError(path, "config must be a mapping")
+    unknown = sorted(set(raw) - {"model", "training"})
+    if unknown:
+        raise InputError(path, f"unknown top-level keys: {unknown}")
+    model = ModelConfig.from_dict(raw.get("model"), path)
+    training = _build(TrainingConfig, raw.get("training") or {}, path, "training")
+    return TrainConfig(model, training)

@@ -1,0 +1,45 @@
+"""Sliding-window inference of class probabilities on the working grid (MONAI, Gaussian blending)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from bml_pipeline.segment.config import InferenceConfig
+
+if TYPE_CHECKING:
+    import torch
+
+
+def predict_probabilities(network: torch.nn.Module, image: np.ndarray, config: InferenceConfig,
+                          device: torch.device, tta: bool = False) -> torch.Tensor:
+    """Softmax probabilities (C, D, H, W) float32 on the CPU for a normalised image (D, H, W).
+
+    Windows of ``config.roi_size`` overlap by ``config.overlap`` and are blended with Gaussian weights;
+    windows run on ``device`` (AMP float16 on CUDA) and are stitched on the CPU, so memory on the
+    device stays bounded by one batch of windows. With ``tta`` the prediction is averaged with that of
+    the image mirrored along axis 0 (medial-lateral on the RAS-aligned working grid; the oai_zib labels
+    have no side-specific classes, so the mirror maps labels to themselves).
+    """
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    roi = tuple(int(r) for r in config.roi_size)
+
+    def run(inp: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            logits = sliding_window_inference(
+                inp, roi, config.sw_batch_size, network, overlap=config.overlap, mode="gaussian",
+                sw_device=device, device=torch.device("cpu"), padding_mode="constant", cval=0.0,
+                progress=False)
+        return torch.softmax(logits.float(), dim=1)[0]
+
+    network.eval()
+    with torch.inference_mode():
+        probs = run(x)
+        if tta:
+            probs += run(torch.flip(x, dims=(2,))).flip(dims=(1,))
+            probs *= 0.5
+    return probs
