@@ -1,0 +1,159 @@
+"""What a batch worker runs for one scan: resume check, per-scan log, the scan, completion marker.
+
+:func:`run_task` never raises for a failing scan: the failure comes back as a :class:`ScanOutcome` with
+a one-line reason, so one bad scan never stops a batch. It runs in worker processes (local pool or Dask),
+so everything it receives and returns is picklable.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bml_pipeline.batch import store
+from bml_pipeline.batch.manifest import ScanSpec
+from bml_pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
+
+LOG_NAME = "scan.log"
+SCAN_OUTPUTS = ("labels.nii.gz", "measurements.json", "measurements.csv", "provenance.json", "report.html")
+"""Files a scan writes besides its log and marker; removed when the scan fails."""
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """Settings shared by every scan of a batch (those that change results enter the resume digest).
+
+    Attributes:
+        schema: label schema name or YAML path.
+        model: segmentation model for rows without labels and without their own ``model``.
+        device: torch device for segmentation.
+        report: write a per-scan ``report.html``.
+    """
+
+    schema: str = "oai_zib"
+    model: str | None = None
+    device: str = "cpu"
+    report: bool = True
+
+
+ScanFunction = Callable[[ScanSpec, Path, BatchSettings, dict[str, Any]], dict[str, Any]]
+"""``(spec, run_dir, settings, provenance) -> flat measurement row``; writes the run directory."""
+
+
+@dataclass(frozen=True)
+class ScanTask:
+    """One unit of batch work: a scan, where it goes, and how it is processed."""
+
+    spec: ScanSpec
+    run_dir: Path
+    settings: BatchSettings
+    resume: bool
+    scan_fn: ScanFunction | None = None  # None: the real pipeline (pipeline_scan)
+
+
+@dataclass(frozen=True)
+class ScanOutcome:
+    """Result of one scan: ``status`` is ``"done"``, ``"skipped"`` (finished earlier) or ``"failed"``."""
+
+    subject: str
+    visit: str
+    status: str
+    row: dict[str, Any] | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def pipeline_scan(spec: ScanSpec, run_dir: Path, settings: BatchSettings,
+                  provenance: dict[str, Any]) -> dict[str, Any]:
+    """The real per-scan job: :func:`bml_pipeline.pipeline.process_scan` for a manifest row."""
+    from bml_pipeline.pipeline import process_scan
+
+    result = process_scan(run_dir, image=spec.image, labels=spec.labels, side=spec.side,
+                          model=spec.model or settings.model, device=settings.device, schema=settings.schema,
+                          report=settings.report, provenance=provenance)
+    return result.row
+
+
+def settings_for(spec: ScanSpec, settings: BatchSettings) -> dict[str, Any]:
+    """The settings that determine a scan's results (its resume digest covers exactly these)."""
+    from bml_pipeline import __version__
+
+    segmented = spec.labels is None
+    return {"version": __version__, "schema": settings.schema,
+            "model": (spec.model or settings.model) if segmented else None, "side": spec.side,
+            "report": settings.report}
+
+
+def run_task(task: ScanTask) -> ScanOutcome:
+    """Process one scan (or reuse its finished outputs when resuming); never raises for a bad scan."""
+    spec, run_dir = task.spec, task.run_dir
+    start = time.perf_counter()
+    try:
+        checksums = {role: store.file_checksum(p) for role, p in (("image", spec.image), ("labels", spec.labels))
+                     if p is not None}
+    except OSError as exc:
+        return _failed(spec, f"{exc.filename or spec.image or spec.labels}: cannot read input ({exc.strerror})",
+                       start)
+    digest = store.settings_digest(settings_for(spec, task.settings))
+    if task.resume:
+        row = store.finished_row(run_dir, checksums, digest)
+        if row is not None:
+            return ScanOutcome(spec.subject, spec.visit, "skipped", row, None, time.perf_counter() - start)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store.clear_marker(run_dir)
+    handler = _attach_scan_log(run_dir / LOG_NAME)
+    try:
+        log.info("scan %s %s: image=%s labels=%s side=%s", spec.subject, spec.visit, spec.image, spec.labels,
+                 spec.side)
+        provenance = {"subject": spec.subject, "visit": spec.visit, "input_sha256": checksums,
+                      "batch_settings": asdict(task.settings)}
+        scan_fn = task.scan_fn or pipeline_scan
+        row = {"subject": spec.subject, "visit": spec.visit, **scan_fn(spec, run_dir, task.settings, provenance)}
+        store.write_marker(run_dir, checksums, digest, row)
+        log.info("scan %s %s finished in %.2f s", spec.subject, spec.visit, time.perf_counter() - start)
+        return ScanOutcome(spec.subject, spec.visit, "done", row, None, time.perf_counter() - start)
+    except Exception as exc:  # noqa: BLE001 - every failure of one scan is recorded, the batch goes on
+        log.error("scan %s %s failed: %s\n%s", spec.subject, spec.visit, exc, traceback.format_exc())
+        for name in SCAN_OUTPUTS:
+            (run_dir / name).unlink(missing_ok=True)
+        return _failed(spec, error_line(exc), start)
+    finally:
+        _detach_scan_log(handler)
+
+
+def error_line(exc: BaseException) -> str:
+    """A one-line reason for a failure: the message of an InputError, else ``Type: message``."""
+    text = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _failed(spec: ScanSpec, reason: str, start: float) -> ScanOutcome:
+    return ScanOutcome(spec.subject, spec.visit, "failed", None, reason, time.perf_counter() - start)
+
+
+def _attach_scan_log(path: Path) -> logging.Handler:
+    """Send this thread's ``bml_pipeline`` log records to ``path`` (overwritten) while the scan runs."""
+    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    thread = threading.get_ident()
+    handler.addFilter(lambda record: record.thread == thread)
+    package_logger = logging.getLogger("bml_pipeline")
+    if package_logger.getEffectiveLevel() > logging.INFO:
+        package_logger.setLevel(logging.INFO)
+    package_logger.addHandler(handler)
+    return handler
+
+
+def _detach_scan_log(handler: logging.Handler) -> None:
+    logging.getLogger("bml_pipeline").removeHandler(handler)
+    handler.close()

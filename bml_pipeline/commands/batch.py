@@ -1,0 +1,116 @@
+"""``bml-pipeline batch MANIFEST --out DIR``: every scan of a manifest, on local workers or a Dask cluster.
+
+Exit status: 0 all scans done, 3 done with failures (listed in ``errors.csv``), 2 could not start
+(invalid manifest: every problem listed in one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from bml_pipeline.commands import Command
+
+if TYPE_CHECKING:
+    from bml_pipeline.batch import ScanOutcome
+
+log = logging.getLogger(__name__)
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", help="CSV or YAML manifest: subject, visit, image and/or labels [, side, model]")
+    parser.add_argument("--out", required=True, help="output folder: <out>/<subject>/<visit>/ and cohort tables")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (local executor or LocalCluster)")
+    parser.add_argument("--executor", choices=("local", "dask"), default="local", help="where scans run")
+    parser.add_argument("--scheduler", help="Dask scheduler address (tcp://host:8786) or scheduler file (.json);"
+                                            " implies --executor dask")
+    parser.add_argument("--threads-per-worker", type=int, default=1,
+                        help="BLAS/OpenMP/torch threads per worker (default 1)")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip scans already finished with unchanged inputs; recompute the rest")
+    parser.add_argument("--model", help="segmentation model for rows without labels")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device for segmentation; a list (cuda:0,cuda:1) is shared out among workers")
+    parser.add_argument("--gpu-resource", action="store_true",
+                        help="Dask: run segmentation scans only on workers started with --resources GPU=1")
+    parser.add_argument("--schema", default="oai_zib", help="label schema name or YAML file")
+    parser.add_argument("--no-report", action="store_true", help="skip per-scan HTML reports")
+    parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bml_pipeline.batch import BatchSettings, DaskExecutor, LocalExecutor, load_manifest, run_batch
+    from bml_pipeline.errors import InputError
+
+    if args.workers < 1:
+        raise InputError(None, f"--workers must be at least 1, got {args.workers}")
+    scans = load_manifest(args.manifest)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "output path exists and is not a folder")
+    if args.executor == "dask" or args.scheduler:
+        executor = DaskExecutor(args.scheduler, args.workers, args.threads_per_worker, gpu=args.gpu_resource)
+        where = f"Dask scheduler {args.scheduler}" if args.scheduler else f"a local Dask cluster of {args.workers}"
+    else:
+        executor = LocalExecutor(args.workers, args.threads_per_worker)
+        where = f"{args.workers} local worker(s)"
+    settings = BatchSettings(schema=args.schema, model=args.model, device=args.device, report=not args.no_report)
+    print(f"batch: {len(scans)} scans from {args.manifest} -> {out} on {where}"
+          + (" (resuming)" if args.resume else ""), file=sys.stderr)
+
+    progress = _Progress(len(scans), fancy=not args.no_progress and sys.stderr.isatty())
+    with progress:
+        summary = run_batch(scans, out, executor, settings, resume=args.resume, on_outcome=progress.update)
+    print(f"batch: {summary.done} done, {summary.skipped} already finished, {summary.failed} failed "
+          f"in {summary.seconds:.1f} s; tables in {out}", file=sys.stderr)
+    for subject, visit, reason in summary.failures[:10]:
+        print(f"  failed {subject} {visit}: {reason}", file=sys.stderr)
+    if summary.failed > 10:
+        print(f"  ... {summary.failed - 10} more in {out / 'errors.csv'}", file=sys.stderr)
+    return summary.exit_code
+
+
+class _Progress:
+    """A rich progress bar with ETA on a terminal; one log line per scan otherwise."""
+
+    def __init__(self, total: int, fancy: bool) -> None:
+        self.total, self.count, self.failed, self.fancy = total, 0, 0, fancy
+        self.start = time.perf_counter()
+        self._bar = None
+
+    def __enter__(self) -> _Progress:
+        if self.fancy:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("[bold]scans"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(),
+                                 TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+            self._bar.start()
+            self._task = self._bar.add_task("scans", total=self.total, failed=0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def update(self, outcome: ScanOutcome) -> None:
+        self.count += 1
+        self.failed += outcome.status == "failed"
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, failed=self.failed)
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.count * (self.total - self.count)
+        detail = f": {outcome.error}" if outcome.error else ""
+        log.info("[%d/%d] %s %s %s in %.1f s (ETA %.0f s)%s", self.count, self.total, outcome.subject,
+                 outcome.visit, outcome.status, outcome.seconds, eta, detail)
+
+
+COMMAND = Command("batch", "process every scan of a manifest (local workers or Dask); cohort tables",
+                  _add_arguments, _run)

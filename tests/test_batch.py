@@ -1,0 +1,195 @@
+"""Batch machinery: failure isolation, resume after SIGKILL, executors, cohort tables.
+
+The per-scan job here is a small test-only stand-in (label voxel volumes in mm3) so these tests exercise
+the batch machinery quickly and independently of the measurement stage.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bml_pipeline.batch import BatchSettings, DaskExecutor, LocalExecutor, ScanSpec, load_manifest, run_batch
+from bml_pipeline.batch.store import MARKER_NAME
+from bml_pipeline.batch.worker import ScanTask, run_task
+from bml_pipeline.errors import InputError
+from bml_pipeline.io import read_labels, write_nifti, write_text_atomic
+from bml_pipeline.volume import Volume
+
+AFFINE = np.diag([0.7, 0.3646, 0.3646, 1.0])
+
+
+def volume_scan(spec: ScanSpec, run_dir: Path, settings: BatchSettings, provenance: dict[str, Any]) -> dict:
+    """Test stand-in for the pipeline: label volumes in mm3; a map without femur is 'no bone found'."""
+    delay = float(os.environ.get("BML_TEST_SCAN_DELAY", "0"))
+    time.sleep(delay)
+    labels = read_labels(spec.labels)
+    counts = np.bincount(labels.array.ravel(), minlength=10)
+    if counts[1] == 0:
+        raise InputError(spec.labels, "no bone found (femur label 1 is empty)")
+    row = {f"label{i}_mm3": round(float(counts[i] * labels.voxel_volume_mm3), 6) for i in range(1, 10)}
+    write_text_atomic(run_dir / "measurements.json", json.dumps({"provenance": provenance, "row": row}))
+    return row
+
+
+def _phantom(path: Path, seed: int, femur: bool = True) -> Path:
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 10, size=(12, 16, 16)).astype(np.uint16)
+    if not femur:
+        array[array == 1] = 0
+    write_nifti(Volume(array, AFFINE), path)
+    return path
+
+
+def _cohort(tmp_path: Path, n_subjects: int = 3) -> Path:
+    """Labels for n subjects x 2 visits and a manifest; returns the manifest path."""
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = ["subject,visit,labels,side"]
+    for s in range(n_subjects):
+        for v, visit in enumerate(("00m", "36m")):
+            _phantom(data / f"s{s}_{visit}.nii.gz", seed=10 * s + v)
+            lines.append(f"s{s},{visit},data/s{s}_{visit}.nii.gz,{'left' if s % 2 else 'right'}")
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path / "manifest.csv"
+
+
+def test_failure_isolation(tmp_path: Path) -> None:
+    manifest = _cohort(tmp_path)
+    data = tmp_path / "data"
+    (data / "s0_36m.nii.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")          # corrupt file
+    _phantom(data / "s1_00m.nii.gz", seed=99, femur=False)                   # no bone found
+    summary = run_batch(load_manifest(manifest), tmp_path / "out", LocalExecutor(2), scan_fn=volume_scan)
+
+    assert (summary.done, summary.skipped, summary.failed, summary.exit_code) == (4, 0, 2, 3)
+    with (tmp_path / "out" / "errors.csv").open(newline="") as fh:
+        errors = list(csv.reader(fh))
+    assert errors[0] == ["subject", "visit", "error"]
+    assert errors[1][:2] == ["s0", "36m"] and errors[1][2].startswith(f"{data / 's0_36m.nii.gz'}: not a readable")
+    assert errors[2] == ["s1", "00m", f"{data / 's1_00m.nii.gz'}: no bone found (femur label 1 is empty)"]
+    assert len(errors) == 3
+    cohort = (tmp_path / "out" / "cohort.csv").read_text().splitlines()
+    assert [line.split(",")[:2] for line in cohort[1:]] == [["s0", "00m"], ["s1", "36m"], ["s2", "00m"],
+                                                            ["s2", "36m"]]
+    failed_dir = tmp_path / "out" / "s1" / "00m"
+    assert not (failed_dir / MARKER_NAME).exists() and not (failed_dir / "measurements.json").exists()
+    assert "no bone found" in (failed_dir / "scan.log").read_text()
+
+
+def test_all_done_exit_code_and_tables(tmp_path: Path) -> None:
+    manifest = _cohort(tmp_path, n_subjects=2)
+    summary = run_batch(load_manifest(manifest), tmp_path / "out", LocalExecutor(1), scan_fn=volume_scan)
+    assert (summary.done, summary.failed, summary.exit_code) == (4, 0, 0)
+    assert (tmp_path / "out" / "errors.csv").read_text() == "subject,visit,error\n"
+    import pandas as pd
+
+    csv = pd.read_csv(tmp_path / "out" / "cohort.csv", dtype={"visit": str})
+    parquet = pd.read_parquet(tmp_path / "out" / "cohort.parquet")
+    pd.testing.assert_frame_equal(csv, parquet)
+    expected = float(np.sum(read_labels(tmp_path / "data" / "s1_36m.nii.gz").array == 4)) * 0.7 * 0.3646 ** 2
+    assert csv.loc[3, "label4_mm3"] == pytest.approx(expected, abs=1e-6)
+    log = (tmp_path / "out" / "s1" / "36m" / "scan.log").read_text()
+    assert "scan s1 36m" in log and "finished" in log
+
+
+def test_resume_recomputes_only_changed_or_unfinished(tmp_path: Path) -> None:
+    manifest = _cohort(tmp_path, n_subjects=2)
+    scans, out = load_manifest(manifest), tmp_path / "out"
+    run_batch(scans, out, LocalExecutor(1), scan_fn=volume_scan)
+    _phantom(tmp_path / "data" / "s0_36m.nii.gz", seed=1234)        # input changed
+    (out / "s1" / "00m" / MARKER_NAME).unlink()                       # unfinished
+    seen: dict[tuple[str, str], str] = {}
+    summary = run_batch(scans, out, LocalExecutor(1), resume=True, scan_fn=volume_scan,
+                        on_outcome=lambda o: seen.__setitem__((o.subject, o.visit), o.status))
+    assert seen == {("s0", "00m"): "skipped", ("s0", "36m"): "done", ("s1", "00m"): "done",
+                    ("s1", "36m"): "skipped"}
+    assert (summary.done, summary.skipped) == (2, 2)
+
+
+def test_settings_change_invalidates_marker(tmp_path: Path) -> None:
+    manifest = _cohort(tmp_path, n_subjects=1)
+    spec = load_manifest(manifest)[0]
+    task = ScanTask(spec, tmp_path / "run", BatchSettings(), resume=True, scan_fn=volume_scan)
+    assert run_task(task).status == "done"
+    assert run_task(task).status == "skipped"
+    assert run_task(ScanTask(spec, tmp_path / "run", BatchSettings(schema="other"), True, volume_scan)).status == "done"
+
+
+def test_worker_death_is_recorded_not_fatal(tmp_path: Path) -> None:
+    manifest = _cohort(tmp_path, n_subjects=2)
+    scans = load_manifest(manifest)[:3]
+    summary = run_batch(scans, tmp_path / "out", LocalExecutor(2), scan_fn=dying_scan)
+    assert summary.failures == [("s0", "36m", "worker process died while processing this scan "
+                                              "(killed or out of memory?)")]
+    assert summary.done == 2
+
+
+def dying_scan(spec: ScanSpec, run_dir: Path, settings: BatchSettings, provenance: dict[str, Any]) -> dict:
+    """Test stand-in whose worker process is killed on one scan (as by the OOM killer)."""
+    if spec.key == ("s0", "36m"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return volume_scan(spec, run_dir, settings, provenance)
+
+
+def test_dask_executor_matches_local(tmp_path: Path) -> None:
+    manifest = _cohort(tmp_path, n_subjects=2)
+    scans = load_manifest(manifest)
+    local = run_batch(scans, tmp_path / "local", LocalExecutor(1), scan_fn=volume_scan)
+    dask = run_batch(scans, tmp_path / "dask", DaskExecutor(workers=1), scan_fn=volume_scan)
+    assert local.done == dask.done == 4
+    assert (tmp_path / "local" / "cohort.csv").read_bytes() == (tmp_path / "dask" / "cohort.csv").read_bytes()
+
+
+_RUNNER = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_batch import volume_scan
+from bml_pipeline.batch import LocalExecutor, load_manifest, run_batch
+summary = run_batch(load_manifest({manifest!r}), {out!r}, LocalExecutor(1), resume={resume}, scan_fn=volume_scan,
+                    on_outcome=lambda o: print(o.subject, o.visit, o.status, flush=True))
+sys.exit(summary.exit_code)
+"""
+
+
+def _batch_process(manifest: Path, out: Path, resume: bool) -> subprocess.Popen:
+    code = _RUNNER.format(tests=str(Path(__file__).parent), manifest=str(manifest), out=str(out), resume=resume)
+    env = {**os.environ, "BML_TEST_SCAN_DELAY": "0.2"}
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def test_kill9_then_resume_gives_identical_tables(tmp_path: Path) -> None:
+    manifest = _cohort(tmp_path, n_subjects=2)
+    assert run_batch(load_manifest(manifest), tmp_path / "straight", LocalExecutor(1),
+                     scan_fn=volume_scan).exit_code == 0
+
+    out = tmp_path / "killed"
+    proc = _batch_process(manifest, out, resume=False)
+    deadline = time.monotonic() + 60
+    while not list(out.glob(f"*/*/{MARKER_NAME}")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)                                     # parent and its worker
+    proc.wait()
+    finished = {tuple(p.parent.relative_to(out).parts) for p in out.glob(f"*/*/{MARKER_NAME}")}
+    assert 1 <= len(finished) < 4 and not (out / "cohort.csv").exists()
+
+    resumed = _batch_process(manifest, out, resume=True)
+    stdout, _ = resumed.communicate(timeout=60)
+    assert resumed.returncode == 0
+    statuses = {tuple(line.split()[:2]): line.split()[2] for line in stdout.splitlines()}
+    assert {k for k, v in statuses.items() if v == "skipped"} == finished
+    assert {k for k, v in statuses.items() if v == "done"} == {(f"s{s}", v) for s in range(2)
+                                                               for v in ("00m", "36m")} - finished
+    for name in ("cohort.csv", "cohort.parquet", "errors.csv"):
+        assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
