@@ -22,6 +22,7 @@ from bml_pipeline.volume import Volume
 log = logging.getLogger(__name__)
 
 NO_MODEL = "no labels and no segmentation model available"
+DEFAULT_MODEL = "knee_synth_v1"
 
 
 @dataclass(frozen=True)
@@ -46,14 +47,17 @@ def load_predictor(model: str, device: str) -> Any:
     """The segmentation predictor for ``model`` on ``device``, loaded once per process and reused.
 
     Raises:
-        InputError: when the segmentation stage or the model is not available.
+        InputError: "no labels and no segmentation model available" when the model cannot be found.
     """
     try:
-        from bml_pipeline.segment import Predictor  # type: ignore[attr-defined]
+        from bml_pipeline.segment import Predictor
     except ImportError:
         raise InputError(model, f"{NO_MODEL} (segmentation stage not installed)") from None
     log.info("loading segmentation model %s on %s", model, device)
-    return Predictor.from_name(model, device)
+    try:
+        return Predictor.load(model, device)
+    except InputError as exc:
+        raise InputError(exc.path, f"{NO_MODEL} ({exc.problem})") from None
 
 
 def process_scan(
@@ -63,7 +67,7 @@ def process_scan(
     labels: str | Path | None = None,
     side: str | None = None,
     model: str | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     schema: str = "oai_zib",
     config: Any = None,
     report: bool = True,
@@ -76,8 +80,9 @@ def process_scan(
         image: MR image (file or DICOM directory); optional when ``labels`` is given.
         labels: label map on the image's grid; when absent the image is segmented with ``model``.
         side: ``"left"``/``"right"``; overrides the side stored in the image, None keeps it.
-        model: segmentation model name or path, used only when ``labels`` is None.
-        device: torch device for segmentation (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        model: segmentation model name or weights path, used only when ``labels`` is None (None: the
+            shipped default, :data:`DEFAULT_MODEL`).
+        device: torch device for segmentation (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         schema: label schema name or YAML path.
         config: measurement configuration passed to ``measure_labels`` (None: defaults).
         report: write ``report.html``.
@@ -107,21 +112,22 @@ def process_scan(
         side = volume.meta.laterality
 
     segmented = label_map is None
+    model_record: dict[str, Any] | None = None
     if label_map is None:
         assert volume is not None
-        if model is None:
-            raise InputError(image, NO_MODEL)
         t0 = time.perf_counter()
-        label_map = load_predictor(model, device).segment(volume)
+        predictor = load_predictor(model or DEFAULT_MODEL, device)
+        label_map = predictor.segment(volume)
         timings["segment"] = time.perf_counter() - t0
+        model_record = predictor.provenance
         write_nifti(label_map, run_dir / "labels.nii.gz", dtype="uint16")
-        log.info("segmented %s with %s in %.1f s", image, model, timings["segment"])
+        log.info("segmented %s with %s in %.1f s", image, model_record.get("model_id"), timings["segment"])
 
     t0 = time.perf_counter()
     measurements = measure_labels(label_map, label_schema, side=side, image=volume, config=config)
     timings["measure"] = time.perf_counter() - t0
     record = dict(provenance or {})
-    record.update({"model": model if segmented else None, "timings_s": _rounded(timings)})
+    record.update({"model": model_record, "timings_s": _rounded(timings)})
     write_measurements(run_dir, measurements, record)
 
     if report:

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
-from bml_pipeline.batch.worker import ScanOutcome, ScanTask, run_task
+from bml_pipeline.batch.worker import ScanOutcome, ScanTask, model_for, run_task
 
 log = logging.getLogger(__name__)
 
@@ -220,11 +220,9 @@ class DaskExecutor:
         if not tasks:
             return
         with self.client() as client:
-            model_settings = {t.settings for t in tasks if t.spec.labels is None}
-            for settings in model_settings:
-                if settings.model is not None:
-                    client.register_plugin(ModelPreloader(settings.model, parse_devices(settings.device)),
-                                           name=f"bml-model-{settings.model}")
+            for model, device in sorted({(model_for(t.spec, t.settings), t.settings.device) for t in tasks
+                                         if t.spec.labels is None}):
+                client.register_plugin(ModelPreloader(model, parse_devices(device)), name=f"bml-model-{model}")
             batch_id = uuid.uuid4().hex[:8]
             futures = {}
             for task in tasks:

@@ -33,14 +33,15 @@ class BatchSettings:
 
     Attributes:
         schema: label schema name or YAML path.
-        model: segmentation model for rows without labels and without their own ``model``.
+        model: segmentation model for rows without labels and without their own ``model`` (None: the
+            pipeline's default model).
         device: torch device for segmentation.
         report: write a per-scan ``report.html``.
     """
 
     schema: str = "oai_zib"
     model: str | None = None
-    device: str = "cpu"
+    device: str = "auto"
     report: bool = True
 
 
@@ -86,10 +87,15 @@ def settings_for(spec: ScanSpec, settings: BatchSettings) -> dict[str, Any]:
     """The settings that determine a scan's results (its resume digest covers exactly these)."""
     from bml_pipeline import __version__
 
-    segmented = spec.labels is None
-    return {"version": __version__, "schema": settings.schema,
-            "model": (spec.model or settings.model) if segmented else None, "side": spec.side,
-            "report": settings.report}
+    return {"version": __version__, "schema": settings.schema, "model": model_for(spec, settings),
+            "side": spec.side, "report": settings.report}
+
+
+def model_for(spec: ScanSpec, settings: BatchSettings) -> str | None:
+    """The segmentation model a scan uses; None when it has labels."""
+    from bml_pipeline.pipeline import DEFAULT_MODEL
+
+    return None if spec.labels is not None else spec.model or settings.model or DEFAULT_MODEL
 
 
 def run_task(task: ScanTask) -> ScanOutcome:

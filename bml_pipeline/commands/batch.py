@@ -32,8 +32,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="skip scans already finished with unchanged inputs; recompute the rest")
     parser.add_argument("--model", help="segmentation model for rows without labels")
-    parser.add_argument("--device", default="cpu",
-                        help="torch device for segmentation; a list (cuda:0,cuda:1) is shared out among workers")
+    parser.add_argument("--device", default="auto",
+                        help="torch device for segmentation (auto, cpu, cuda, cuda:N); a list (cuda:0,cuda:1) is "
+                             "shared out among workers")
     parser.add_argument("--gpu-resource", action="store_true",
                         help="Dask: run segmentation scans only on workers started with --resources GPU=1")
     parser.add_argument("--schema", default="oai_zib", help="label schema name or YAML file")
