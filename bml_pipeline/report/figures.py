@@ -1,0 +1,294 @@
+"""Report figures: key slices, lesion maps and cartilage thickness maps, as embedded PNG panels.
+
+Each :class:`Panel` carries its pixels (a PNG data URI), its physical size in mm (pixels are square
+in mm, see :mod:`bml_pipeline.report.views`) and its orientation letters; the HTML overlays letters,
+a 10 mm scale bar and lesion numbers as text, so they stay sharp and readable at any zoom.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from bml_pipeline.labels import LabelSchema
+from bml_pipeline.report import render
+from bml_pipeline.report.rundir import RunData
+from bml_pipeline.report.tables import Lesion
+from bml_pipeline.report.views import (ViewGeometry, display_position, extract_projection, extract_slice,
+                                       slice_index, view_geometry, window_box)
+from bml_pipeline.volume import Volume, bounding_box
+
+log = logging.getLogger(__name__)
+
+SLICE_WINDOW_MM = 110.0
+"""Side of the square window (mm) of every key slice, centred on its point, the same in both visits."""
+
+MAX_MARKERS = 5
+"""Lesions numbered on the lesion maps, per bone (largest first); the table lists all."""
+
+MARGIN_MM = 6.0
+"""Margin around the labelled anatomy (or one bone, or one plate) kept in every view."""
+
+THICKNESS_VIEW = {"femoral_cartilage": "axial", "tibial_cartilage": "axial", "patellar_cartilage": "coronal"}
+"""Projection direction of each plate's thickness map: along S-I for femur and tibia, along A-P for the patella."""
+
+_AXIS_NAME = ("x", "y", "z")
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A text label at a fractional (row, column) position of a panel."""
+
+    text: str
+    row: float
+    col: float
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One embedded image with its physical size and orientation."""
+
+    title: str
+    subtitle: str
+    uri: str
+    width_px: int
+    height_px: int
+    width_mm: float
+    height_mm: float
+    letters: tuple[str, str, str, str]
+    markers: tuple[Marker, ...] = ()
+
+    @property
+    def scale_bar_percent(self) -> float:
+        """Width of a 10 mm scale bar as a percentage of the panel width."""
+        return min(100.0, 1000.0 / self.width_mm)
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """A key slice to show: a view through a world point, matched across visits via ``reference``."""
+
+    title: str
+    view: str
+    point_mm: tuple[float, float, float]
+    reference: str  # structure whose centroid anchors the position in another visit
+
+
+class Scene:
+    """A run's label map (and image) prepared for rendering: crop box, grey window, cached masks."""
+
+    def __init__(self, labels: Volume, image: Volume | None, schema: LabelSchema) -> None:
+        self.labels, self.image, self.schema = labels, image, schema
+        anatomy = labels.array != schema.background
+        self.box = _grow(bounding_box(anatomy) or tuple(slice(0, n) for n in labels.shape), labels)
+        self.window = _window(image.array[self.box]) if image is not None else None
+        self._centroids: dict[str, np.ndarray | None] = {}
+
+    def mask(self, ids: tuple[int, ...] | list[int]) -> np.ndarray:
+        """Boolean mask of the voxels whose label is one of ``ids`` (a lookup table: fast on big maps)."""
+        return label_mask(self.labels.array, ids)
+
+    @property
+    def background(self) -> str:
+        return "image" if self.image is not None else "labels"
+
+    def centroid(self, structure: str) -> np.ndarray | None:
+        """World centroid (mm) of a structure (a bone's full extent), None when absent."""
+        if structure not in self._centroids:
+            s = self.schema.by_name(structure)
+            ids = self.schema.bone_ids(structure) if s.kind == "bone" else (s.id,)
+            self._centroids[structure] = _centroid(self.mask(ids), self.labels)
+        return self._centroids[structure]
+
+    def render_slice(self, spec: SliceSpec, point_mm: np.ndarray) -> Panel | None:
+        """The ``spec`` view through ``point_mm``: image (or label rendering) with outlines; None when
+        the point lies outside the volume along the view's normal."""
+        box = window_box(self.labels.affine, self.labels.shape, spec.view, point_mm, SLICE_WINDOW_MM)
+        g = view_geometry(self.labels.affine, self.labels.shape, spec.view, box)
+        n = self.labels.shape[g.normal_axis]
+        if not -1.0 <= _normal_coordinate(g, self.labels.affine, point_mm) <= n:
+            return None
+        index = slice_index(g, self.labels.affine, point_mm, n)
+        lab = extract_slice(self.labels.array, g, index, order=0)
+        if self.image is not None and self.window is not None:
+            grey = render.window(extract_slice(self.image.array, g, index, order=1), *self.window)
+        else:
+            grey = render.label_rendering(lab, self.schema)
+        rgb = render.draw_outlines(render.grey_to_rgb(grey), lab, self.schema)
+        world = _slice_world(g, self.labels, index)
+        subtitle = f"{spec.view} slice {index + 1}/{self.labels.shape[g.normal_axis]}, {world}"
+        return _panel(spec.title, subtitle, rgb, g)
+
+
+def lesion_specs(scene: Scene, lesions: dict[str, list[Lesion]]) -> list[SliceSpec]:
+    """Sagittal and coronal slices through the largest lesion of each bone."""
+    specs = []
+    for bone, items in lesions.items():
+        largest = next((lesion for lesion in items if lesion.centroid_mm is not None), None)
+        if largest is None:
+            continue
+        volume = f", {largest.volume_cm3:.3f} cm³" if largest.volume_cm3 is not None else ""
+        plate = scene.schema.cartilage_of(bone)
+        reference = plate.name if plate is not None and scene.centroid(plate.name) is not None else bone
+        for view in ("sagittal", "coronal"):
+            specs.append(SliceSpec(f"{bone.capitalize()}: largest BML (#1{volume})", view, largest.centroid_mm,
+                                   reference))
+    return specs
+
+
+def compartment_specs(scene: Scene, side: str | None) -> list[SliceSpec]:
+    """Sagittal slices through the medial and lateral tibiofemoral compartments, and one coronal slice
+    through the joint. Compartments are the two halves (in x) of the tibial cartilage (femoral if
+    absent); without a known side they are named by patient direction only."""
+    schema, labels = scene.schema, scene.labels
+    plate = next((p for p in ("tibial_cartilage", "femoral_cartilage")
+                  if p in {s.name for s in schema.structures} and scene.centroid(p) is not None), None)
+    if plate is None:
+        return []
+    points = labels.world_coords(np.argwhere(scene.mask([schema.by_name(plate).id])))
+    split = 0.5 * (points[:, 0].min() + points[:, 0].max())
+    halves = {"patient-left": points[points[:, 0] < split], "patient-right": points[points[:, 0] >= split]}
+    medial = {"right": "patient-left", "left": "patient-right"}.get(side or "")
+    specs = []
+    for half in ("patient-right", "patient-left"):
+        if len(halves[half]) == 0:
+            continue
+        name = ("Medial" if half == medial else "Lateral") + " compartment" if medial else \
+            f"Compartment on the patient's {half.split('-')[1]} (side unknown)"
+        specs.append(SliceSpec(name, "sagittal", tuple(halves[half].mean(axis=0)), plate))  # type: ignore[arg-type]
+    specs.append(SliceSpec("Tibiofemoral joint", "coronal", tuple(points.mean(axis=0)), plate))  # type: ignore[arg-type]
+    return specs
+
+
+def matched_point(spec: SliceSpec, current: Scene, prior: Scene) -> tuple[np.ndarray, str] | None:
+    """Where ``spec``'s point lies in the prior visit: the same offset from the reference structure's
+    centroid (no registration needed). Returns the point and a note saying how it was matched."""
+    here, there = current.centroid(spec.reference), prior.centroid(spec.reference)
+    if here is None or there is None:
+        return None
+    return there + (np.asarray(spec.point_mm) - here), f"matched to the {spec.reference.replace('_', ' ')} centroid"
+
+
+def lesion_maps(scene: Scene, lesions: dict[str, list[Lesion]]) -> list[tuple[str, list[Panel]]]:
+    """Per bone with lesions: sagittal and coronal maximum-intensity projections of its lesions over
+    the bone's silhouette, lesions numbered as in the lesion table."""
+    schema, labels = scene.schema, scene.labels
+    out = []
+    for bone, items in lesions.items():
+        lesion = schema.lesion_of(bone)
+        if not items or lesion is None:
+            continue
+        full = scene.mask(schema.bone_ids(bone))
+        box = bounding_box(full)
+        if box is None:
+            continue
+        box = _grow(box, labels)
+        panels = []
+        for view in ("sagittal", "coronal"):
+            g = view_geometry(labels.affine, labels.shape, view, box, max_pixels=320)
+            silhouette = extract_projection(full, g)
+            lesion_mip = extract_projection(labels.array == lesion.id, g)
+            rgb = np.empty(silhouette.shape + (3,), np.uint8)
+            rgb[:] = render.BACKGROUND
+            rgb = render.fill(rgb, silhouette, (150, 150, 150), 0.6)
+            rgb = render.fill(rgb, render.outline(silhouette, 1), render.PALETTE["bone"], 0.8)
+            rgb = render.fill(rgb, lesion_mip, render.PALETTE["lesion"], 0.9)
+            markers = tuple(Marker(str(les.rank), *display_position(g, labels.affine, np.asarray(les.centroid_mm)))
+                            for les in items[:MAX_MARKERS] if les.centroid_mm is not None)
+            panels.append(_panel(f"{bone.capitalize()} {view}", "projection of all lesions", rgb, g, markers))
+        out.append((bone, panels))
+    return out
+
+
+def thickness_vmax(runs: list[RunData]) -> float:
+    """Upper end (mm) of the common thickness colour scale: the largest 99th percentile over all plates
+    and visits, rounded up to 0.5 mm (at least 1 mm)."""
+    tops = []
+    for run in runs:
+        for volume in run.thickness.values():
+            values = volume.array[volume.array > 0]
+            if values.size:
+                tops.append(float(np.percentile(values, 99)))
+    return max(1.0, float(np.ceil(max(tops, default=1.0) * 2) / 2))
+
+
+def thickness_map(run: RunData, plate: str, vmax: float) -> Panel | None:
+    """Projection of the plate's thickness map (maximum along the plate's normal direction) over its
+    bone's silhouette, coloured 0..``vmax`` mm; None when the run has no map for the plate."""
+    volume = run.thickness.get(plate)
+    if volume is None:
+        return None
+    box = bounding_box(volume.array > 0)
+    if box is None:
+        return None
+    box = _grow(box, volume)
+    g = view_geometry(volume.affine, volume.shape, THICKNESS_VIEW.get(plate, "axial"), box, max_pixels=360)
+    thick = extract_projection(volume.array, g, order=0)
+    rgb = np.empty(thick.shape + (3,), np.uint8)
+    rgb[:] = render.BACKGROUND
+    if run.labels is not None and run.labels.same_grid(volume):
+        bone = run.schema.by_name(plate).bone
+        if bone:
+            silhouette = extract_projection(label_mask(run.labels.array, run.schema.bone_ids(bone)), g)
+            rgb = render.fill(rgb, silhouette, (120, 120, 120), 0.5)
+    covered = thick > 0
+    rgb[covered] = render.colormap(thick[covered], vmax)
+    direction = "S–I" if g.view == "axial" else "A–P"
+    return _panel(plate.replace("_", " ").capitalize(), f"thickest point along {direction}", rgb, g)
+
+
+def colour_bar_uri() -> str:
+    """The thickness colour scale (viridis), 256 x 12 pixels."""
+    strip = render.colormap(np.tile(np.linspace(0, 1, 256), (12, 1)), 1.0)
+    return render.png_data_uri(strip)
+
+
+def label_mask(array: np.ndarray, ids: tuple[int, ...] | list[int]) -> np.ndarray:
+    """Boolean mask of ``array`` (non-negative integer labels) taking one of the values ``ids``."""
+    lut = np.zeros(max(int(array.max()), *ids) + 1, dtype=bool)
+    lut[list(ids)] = True
+    return lut[array]
+
+
+def _panel(title: str, subtitle: str, rgb: np.ndarray, g: ViewGeometry, markers: tuple[Marker, ...] = ()) -> Panel:
+    height_mm, width_mm = g.size_mm
+    return Panel(title, subtitle, render.png_data_uri(rgb), int(rgb.shape[1]), int(rgb.shape[0]),
+                 width_mm, height_mm, g.letters, markers)
+
+
+def _normal_coordinate(g: ViewGeometry, affine: np.ndarray, point_mm: np.ndarray) -> float:
+    inv = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    return float((inv[:3, :3] @ np.asarray(point_mm, dtype=np.float64) + inv[:3, 3])[g.normal_axis])
+
+
+def _slice_world(g: ViewGeometry, volume: Volume, index: int) -> str:
+    """``x = 12.3 mm``: the world coordinate of the slice along the view's normal direction."""
+    centre = np.array([(s.start + s.stop - 1) / 2 for s in g.box], dtype=np.float64)
+    centre[g.normal_axis] = index
+    normal_world = {"sagittal": 0, "coronal": 1, "axial": 2}[g.view]
+    return f"{_AXIS_NAME[normal_world]} = {volume.world_coords(centre)[normal_world]:.1f} mm"
+
+
+def _grow(box: tuple[slice, slice, slice], volume: Volume) -> tuple[slice, slice, slice]:
+    """``box`` grown by :data:`MARGIN_MM` on every side, in voxels of each axis, clipped to the grid."""
+    margin = [int(np.ceil(MARGIN_MM / s)) for s in volume.spacing]
+    return tuple(slice(max(0, s.start - m), min(n, s.stop + m))  # type: ignore[return-value]
+                 for s, m, n in zip(box, margin, volume.shape))
+
+
+def _window(values: np.ndarray) -> tuple[float, float]:
+    """Grey window (0.5th to 99.5th percentile) of an image region, from at most ~1 M samples."""
+    step = max(1, int(round((values.size / 1e6) ** (1 / 3))))
+    sample = values[::step, ::step, ::step].astype(np.float32)
+    lo, hi = np.percentile(sample, [0.5, 99.5])
+    return float(lo), float(hi if hi > lo else lo + 1)
+
+
+def _centroid(mask: np.ndarray, volume: Volume) -> np.ndarray | None:
+    box = bounding_box(mask)
+    if box is None:
+        return None
+    ijk = np.argwhere(mask[box]).mean(axis=0) + np.array([s.start for s in box])
+    return volume.world_coords(ijk)

@@ -1,0 +1,150 @@
+"""Quality flags a reader should see before trusting the numbers.
+
+Flags come from four places: the side (unknown or inferred), the field of view (a bone touching the
+volume border near the joint), segmentation confidence recorded in provenance, and volumes or
+thicknesses outside plausible adult ranges. Flags the measure stage wrote itself are passed through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bml_pipeline.labels import LabelSchema
+from bml_pipeline.report.figures import label_mask
+from bml_pipeline.report.tables import mapping, number, pretty
+from bml_pipeline.report.views import axis_map
+from bml_pipeline.volume import Volume, bounding_box
+
+BORDER_NEAR_JOINT_MM = 45.0
+"""A bone voxel on the volume border closer than this to the joint centre means the field of view
+cuts through the bone where it matters (shafts leaving the volume farther away are normal)."""
+
+LOW_CONFIDENCE = 0.5
+"""Segmentation confidences (0..1) recorded in provenance below this are flagged."""
+
+PLAUSIBLE = {
+    # structure: (quantity, low, high, unit); ranges wide enough for any adult knee in OAI-like scans.
+    "femoral_cartilage": ("volume_cm3", 2.0, 40.0, "cm³"),
+    "tibial_cartilage": ("volume_cm3", 0.5, 20.0, "cm³"),
+    "patellar_cartilage": ("volume_cm3", 0.3, 12.0, "cm³"),
+}
+PLAUSIBLE_MEAN_THICKNESS_MM = (0.5, 5.0)
+PLAUSIBLE_BML_TOTAL_CM3 = 30.0
+
+_LETTER = (("left", "right"), ("posterior", "anterior"), ("inferior", "superior"))
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One quality flag: ``level`` is ``"warning"`` or ``"note"``."""
+
+    level: str
+    title: str
+    detail: str
+
+
+def quality_flags(measurements: dict[str, Any], provenance: dict[str, Any], labels: Volume | None,
+                  schema: LabelSchema, notes: tuple[str, ...] = ()) -> list[Flag]:
+    """All flags for one run, warnings first."""
+    flags = [*_side_flags(measurements), *_confidence_flags(provenance), *_plausibility_flags(measurements)]
+    if labels is not None:
+        flags += border_flags(labels, schema)
+    for item in measurements.get("quality_flags", measurements.get("flags", [])) or []:
+        text = item if isinstance(item, str) else mapping(item).get("message") or mapping(item).get("detail")
+        if isinstance(text, str):
+            flags.append(Flag("warning", "Measure stage", text))
+    flags += [Flag("note", "Report", note) for note in notes]
+    return sorted(flags, key=lambda f: f.level != "warning")
+
+
+def border_flags(labels: Volume, schema: LabelSchema, radius_mm: float = BORDER_NEAR_JOINT_MM) -> list[Flag]:
+    """Bones touching a face of the volume within ``radius_mm`` of the joint centre (the centroid of
+    the cartilage, else of all labels)."""
+    array = labels.array
+    cartilage_ids = [s.id for s in schema.of_kind("cartilage")]
+    joint_mask = label_mask(array, cartilage_ids) if cartilage_ids else array != schema.background
+    box = bounding_box(joint_mask)
+    if box is None:
+        return []
+    joint = labels.world_coords(np.argwhere(joint_mask[box]).mean(axis=0) + [s.start for s in box])
+    world_of, sign_of = axis_map(labels.affine)
+    flags = []
+    for bone in schema.bones:
+        ids = schema.bone_ids(bone.name)
+        hits = []
+        for axis in range(3):
+            for end in (0, array.shape[axis] - 1):
+                face = array[(slice(None),) * axis + (end,)]
+                where = np.argwhere(label_mask(face, ids))
+                if where.size == 0:
+                    continue
+                ijk = np.insert(where.astype(np.float64), axis, end, axis=1)
+                distance = float(np.linalg.norm(labels.world_coords(ijk) - joint, axis=1).min())
+                if distance < radius_mm:
+                    positive = (end > 0) == (sign_of[axis] > 0)
+                    hits.append(f"{_LETTER[world_of[axis]][int(positive)]} border, {distance:.0f} mm from the joint")
+        if hits:
+            flags.append(Flag("warning", f"Field of view cuts the {bone.name}",
+                              f"The {bone.name} touches the volume's {'; '.join(hits)}: part of it may be "
+                              "outside the scan, so its volume and lesions there may be incomplete."))
+    return flags
+
+
+def _side_flags(m: dict[str, Any]) -> list[Flag]:
+    side = m.get("side")
+    source = m.get("side_source")
+    confidence = number(m.get("side_confidence"))
+    if side not in ("left", "right"):
+        return [Flag("warning", "Side unknown", "Neither the header nor the anatomy gave the knee's side; "
+                     "medial and lateral cannot be named.")]
+    if isinstance(source, str) and source.lower() not in ("header", "dicom", "given", "user", "argument", "cli"):
+        conf = f" (confidence {confidence:.2f})" if confidence is not None else ""
+        return [Flag("warning" if confidence is not None and confidence < 0.9 else "note", "Side inferred",
+                     f"The {side} side was inferred from {source}{conf}, not read from the image header.")]
+    return []
+
+
+def _confidence_flags(provenance: dict[str, Any]) -> list[Flag]:
+    flags = []
+    for path, value in _numbers_named(provenance, "confidence"):
+        if "side" not in path and 0 <= value < LOW_CONFIDENCE:
+            flags.append(Flag("warning", "Low segmentation confidence",
+                              f"{path} = {value:.2f} (below {LOW_CONFIDENCE}); check the outlines."))
+    return flags
+
+
+def _plausibility_flags(m: dict[str, Any]) -> list[Flag]:
+    flags = []
+    cartilage = mapping(m.get("cartilage"))
+    for plate, (key, low, high, unit) in PLAUSIBLE.items():
+        entry = mapping(cartilage.get(plate))
+        value = number(entry.get(key))
+        if value is not None and not low <= value <= high:
+            flags.append(Flag("warning", f"Implausible {pretty(plate).lower()} volume",
+                              f"{value:.2f} {unit}, expected {low}–{high} {unit}."))
+        mean = number(mapping(entry.get("thickness_mm")).get("mean"))
+        lo, hi = PLAUSIBLE_MEAN_THICKNESS_MM
+        if mean is not None and not lo <= mean <= hi:
+            flags.append(Flag("warning", f"Implausible {pretty(plate).lower()} thickness",
+                              f"mean {mean:.2f} mm, expected {lo}–{hi} mm."))
+    total = number(mapping(m.get("bml")).get("total_volume_cm3"))
+    if total is not None and total > PLAUSIBLE_BML_TOTAL_CM3:
+        flags.append(Flag("warning", "Implausible BML volume",
+                          f"total {total:.2f} cm³ is above {PLAUSIBLE_BML_TOTAL_CM3} cm³."))
+    return flags
+
+
+def _numbers_named(data: Any, word: str, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted path, value) of every number under a key containing ``word``, depth first."""
+    found = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if word in str(key).lower() and number(value) is not None:
+                found.append((path, float(value)))
+            else:
+                found += _numbers_named(value, word, path)
+    return found

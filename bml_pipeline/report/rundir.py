@@ -1,0 +1,182 @@
+"""Reading a run directory (``measurements.json``, ``provenance.json``, labels, image, thickness maps).
+
+Everything except ``measurements.json`` is optional: a report shows what the run has and says
+"absent" for the rest. Paths named inside the run's files are untrusted strings; they are only used
+to open files and are escaped when shown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bml_pipeline.errors import InputError
+from bml_pipeline.labels import LabelSchema, load_schema
+from bml_pipeline.volume import Volume
+
+log = logging.getLogger(__name__)
+
+LABEL_NAMES = ("labels.nii.gz", "labels.nii", "segmentation.nii.gz")
+IMAGE_NAMES = ("image.nii.gz", "image.nii")
+
+
+@dataclass(frozen=True)
+class RunData:
+    """One scan's run directory, loaded.
+
+    Attributes:
+        run_dir: the directory.
+        measurements: parsed ``measurements.json``.
+        provenance: parsed ``provenance.json`` (empty when absent).
+        schema: label schema of the label map.
+        labels: label map, or None when the run has none readable.
+        image: the MR image on the labels' grid, or None.
+        thickness: plate name -> thickness map (mm per voxel, 0 outside cartilage).
+        change: parsed ``change.json`` when the run directory holds one.
+        notes: problems met while loading optional parts (shown in the report).
+    """
+
+    run_dir: Path
+    measurements: dict[str, Any]
+    provenance: dict[str, Any]
+    schema: LabelSchema
+    labels: Volume | None
+    image: Volume | None
+    thickness: dict[str, Volume] = field(default_factory=dict)
+    change: dict[str, Any] | None = None
+    notes: tuple[str, ...] = ()
+
+
+def read_json(path: Path, required: bool) -> dict[str, Any] | None:
+    """Parse a JSON object from ``path``; None when absent and not ``required``."""
+    if not path.is_file():
+        if required:
+            raise InputError(path, "file not found (is this a run directory written by `bml-pipeline measure`?)")
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"not valid JSON ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(path, "expected a JSON object at the top level")
+    return data
+
+
+def load_run(run_dir: str | Path, *, with_image: bool = True) -> RunData:
+    """Load the run directory ``run_dir``.
+
+    Raises:
+        InputError: the directory or its ``measurements.json`` is missing or unreadable.
+    """
+    from bml_pipeline.io import read_labels, read_volume
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(run_dir, "run directory not found")
+    measurements = read_json(run_dir / "measurements.json", required=True) or {}
+    provenance = read_json(run_dir / "provenance.json", required=False) or {}
+    change = read_json(run_dir / "change.json", required=False)
+    notes: list[str] = []
+    schema = _schema(provenance, measurements)
+
+    labels = None
+    labels_path = _find_file(run_dir, LABEL_NAMES, _input_paths(provenance, ("labels", "segmentation")))
+    if labels_path is not None:
+        try:
+            labels = read_labels(labels_path, schema)
+            labels = labels.with_array(np.ascontiguousarray(labels.array))
+        except InputError as exc:
+            notes.append(f"label map not shown: {exc}")
+    else:
+        notes.append("no label map found in the run directory or its provenance")
+
+    image = None
+    image_path = _find_file(run_dir, IMAGE_NAMES, _input_paths(provenance, ("image",))) if with_image else None
+    if image_path is not None and labels is not None:
+        try:
+            image = read_volume(image_path)
+            image = image.with_array(np.ascontiguousarray(image.array))
+            if not image.same_grid(labels):
+                notes.append("the image and the label map are on different voxel grids; labels are shown alone")
+                image = None
+        except InputError as exc:
+            notes.append(f"image not shown: {exc}")
+
+    thickness = _thickness_maps(run_dir, schema, labels, notes)
+    return RunData(run_dir, measurements, provenance, schema, labels, image, thickness, change, tuple(notes))
+
+
+def _schema(provenance: dict[str, Any], measurements: dict[str, Any]) -> LabelSchema:
+    name = _dig(provenance, ("config", "schema")) or _dig(provenance, ("schema",)) or measurements.get("schema")
+    if isinstance(name, str):
+        try:
+            return load_schema(name)
+        except InputError:
+            log.warning("label schema %r not found; using oai_zib", name)
+    return load_schema("oai_zib")
+
+
+def _dig(data: Any, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _input_paths(provenance: dict[str, Any], kinds: tuple[str, ...]) -> list[Path]:
+    """Paths recorded in provenance ``inputs`` under one of ``kinds`` (a string or {"path": ...})."""
+    inputs = provenance.get("inputs")
+    found: list[Path] = []
+    if isinstance(inputs, dict):
+        for kind in kinds:
+            entry = inputs.get(kind)
+            path = entry.get("path") if isinstance(entry, dict) else entry
+            if isinstance(path, str) and path:
+                found.append(Path(path))
+    elif isinstance(inputs, list):
+        for entry in inputs:
+            if isinstance(entry, dict) and entry.get("kind", entry.get("role")) in kinds and isinstance(entry.get("path"), str):
+                found.append(Path(entry["path"]))
+    return found
+
+
+def _find_file(run_dir: Path, names: tuple[str, ...], recorded: list[Path]) -> Path | None:
+    for name in names:
+        if (run_dir / name).exists():
+            return run_dir / name
+    for path in recorded:
+        path = path if path.is_absolute() else run_dir / path
+        if path.exists():
+            return path
+    return None
+
+
+def _thickness_maps(run_dir: Path, schema: LabelSchema, labels: Volume | None, notes: list[str]) -> dict[str, Volume]:
+    """Thickness maps ``*thickness*.nii[.gz]`` per plate: a file naming the plate, else one shared file
+    masked by the plate's label."""
+    from bml_pipeline.io import read_volume
+
+    files = sorted(p for p in run_dir.glob("*thickness*.nii*") if p.is_file())
+    maps: dict[str, Volume] = {}
+    shared = None
+    for plate in schema.of_kind("cartilage"):
+        own = [p for p in files if plate.name in p.name]
+        path = own[0] if own else None
+        try:
+            if path is not None:
+                maps[plate.name] = read_volume(path)
+            elif files and labels is not None:
+                generic = [p for p in files if not any(c.name in p.name for c in schema.of_kind("cartilage"))]
+                if generic:
+                    shared = shared or read_volume(generic[0])
+                    if shared.same_grid(labels):
+                        maps[plate.name] = shared.with_array(shared.array * (labels.array == plate.id))
+        except InputError as exc:
+            notes.append(f"thickness map not shown: {exc}")
+    return maps
