@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from bml_pipeline.batch import BatchSettings, DaskExecutor, LocalExecutor, ScanSpec, load_manifest, run_batch
+from bml_pipeline.batch.executors import WORKER_DIED
 from bml_pipeline.batch.store import MARKER_NAME
 from bml_pipeline.batch.worker import ScanTask, run_task
 from bml_pipeline.errors import InputError
@@ -129,8 +130,7 @@ def test_worker_death_is_recorded_not_fatal(tmp_path: Path) -> None:
     manifest = _cohort(tmp_path, n_subjects=2)
     scans = load_manifest(manifest)[:3]
     summary = run_batch(scans, tmp_path / "out", LocalExecutor(2), scan_fn=dying_scan)
-    assert summary.failures == [("s0", "36m", "worker process died while processing this scan "
-                                              "(killed or out of memory?)")]
+    assert summary.failures == [("s0", "36m", WORKER_DIED)]
     assert summary.done == 2
 
 

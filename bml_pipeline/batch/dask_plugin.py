@@ -7,21 +7,18 @@ unpickle the plugin), so ``distributed`` is never imported for local runs.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any
 
-from bml_pipeline.batch.worker import ScanOutcome, ScanTask, run_task
+from bml_pipeline.batch.worker import Job, ScanOutcome
 
 log = logging.getLogger(__name__)
 
 _worker_device: str | None = None
 
 
-def run_task_on_worker(task: ScanTask) -> ScanOutcome:
-    """Dask task: the scan on the device :class:`ModelPreloader` gave this worker (if any)."""
-    if _worker_device is not None and task.settings.device != _worker_device:
-        task = replace(task, settings=replace(task.settings, device=_worker_device))
-    return run_task(task)
+def run_task_on_worker(task: Job) -> ScanOutcome:
+    """Dask task: the job on the device :class:`ModelPreloader` gave this worker (if any)."""
+    return task.execute(_worker_device)
 
 
 def _plugin_base() -> type:

@@ -1,4 +1,5 @@
-"""Executors: run :func:`~bml_pipeline.batch.worker.run_task` over many scans, results as they finish.
+"""Executors: run batch jobs (:class:`~bml_pipeline.batch.worker.Job`: scans, visit pairs) on workers,
+results as they finish.
 
 - :class:`LocalExecutor`: a pool of N worker processes (spawn context) on this machine.
 - :class:`DaskExecutor`: a Dask distributed cluster, a LocalCluster or an existing scheduler.
@@ -15,10 +16,9 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from typing import Any, Protocol
 
-from bml_pipeline.batch.worker import ScanOutcome, ScanTask, model_for, run_task
+from bml_pipeline.batch.worker import Job, ScanOutcome
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ WORKER_DIED = "worker process died while processing this scan (killed or out of 
 class Executor(Protocol):
     """Runs scan tasks; yields ``(task, outcome)`` as each finishes."""
 
-    def run(self, tasks: Sequence[ScanTask]) -> Iterator[tuple[ScanTask, ScanOutcome]]: ...
+    def run(self, tasks: Sequence[Job]) -> Iterator[tuple[Job, ScanOutcome]]: ...
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -44,8 +44,9 @@ def parse_devices(device: str) -> tuple[str, ...]:
     return devices or ("cpu",)
 
 
-def _with_device(task: ScanTask, device: str) -> ScanTask:
-    return task if task.settings.device == device else replace(task, settings=replace(task.settings, device=device))
+def _device_of(task: Job) -> str:
+    settings = getattr(task, "settings", None)
+    return getattr(settings, "device", "auto")
 
 
 # ---- local processes ---------------------------------------------------------------------------------
@@ -68,12 +69,10 @@ def _init_local_worker(threads: int, devices: tuple[str, ...], counter: Any, sta
         sys.modules["torch"].set_num_threads(threads)
 
 
-def _run_local(task: ScanTask) -> ScanOutcome:
-    """Entry point in a pool process: announce the start, run the task on this process's device."""
-    _started.put(task.spec.key)
-    if _process_device is not None:
-        task = _with_device(task, _process_device)
-    return run_task(task)
+def _run_local(task: Job) -> ScanOutcome:
+    """Entry point in a pool process: announce the start, run the job on this process's device."""
+    _started.put(task.key)
+    return task.execute(_process_device)
 
 
 @contextlib.contextmanager
@@ -105,35 +104,35 @@ class LocalExecutor:
         self.workers = workers
         self.threads_per_worker = threads_per_worker
 
-    def run(self, tasks: Sequence[ScanTask]) -> Iterator[tuple[ScanTask, ScanOutcome]]:
-        queue: list[ScanTask] = list(tasks)
-        suspects: list[ScanTask] = []
+    def run(self, tasks: Sequence[Job]) -> Iterator[tuple[Job, ScanOutcome]]:
+        queue: list[Job] = list(tasks)
+        suspects: list[Job] = []
         while queue or suspects:
             isolated = bool(suspects)
             if isolated:  # one process, so a crash names its scan
                 batch, workers, suspects = suspects, 1, []
             else:
                 batch, workers, queue = queue, self.workers, []
-            broken: list[ScanTask] = []
+            broken: list[Job] = []
             running: set[tuple[str, str]] = set()
             yield from self._run_pool(batch, workers, broken, running)
             if not broken:
                 continue
             if not running:
                 for task in broken:
-                    yield task, _failed(task, "worker process could not start")
+                    yield task, task.failed("worker process could not start")
                 continue
             log.warning("a worker process died; %d unfinished scans go to a fresh pool", len(broken))
             for task in broken:
-                if task.spec.key in running and len(running) == 1:
-                    yield task, _failed(task, WORKER_DIED)
-                elif task.spec.key in running or isolated:
+                if task.key in running and len(running) == 1:
+                    yield task, task.failed(WORKER_DIED)
+                elif task.key in running or isolated:
                     suspects.append(task)
                 else:
                     queue.append(task)
 
-    def _run_pool(self, batch: list[ScanTask], workers: int, broken: list[ScanTask],
-                  running: set[tuple[str, str]]) -> Iterator[tuple[ScanTask, ScanOutcome]]:
+    def _run_pool(self, batch: list[Job], workers: int, broken: list[Job],
+                  running: set[tuple[str, str]]) -> Iterator[tuple[Job, ScanOutcome]]:
         """Run ``batch`` in one pool; fill ``broken`` (unfinished when the pool broke) and ``running``
         (keys of scans started but unfinished then)."""
         import multiprocessing
@@ -141,7 +140,7 @@ class LocalExecutor:
         from concurrent.futures.process import BrokenProcessPool
 
         context = multiprocessing.get_context("spawn")
-        devices = parse_devices(batch[0].settings.device)
+        devices = parse_devices(_device_of(batch[0]))
         counter, started = context.Value("i", 0), context.SimpleQueue()
         finished: set[tuple[str, str]] = set()
         with _environ(thread_env(self.threads_per_worker)):  # inherited by the workers spawned here
@@ -158,8 +157,8 @@ class LocalExecutor:
                     broken.append(task)
                     continue
                 except Exception as exc:  # noqa: BLE001 - e.g. an outcome that cannot be unpickled
-                    outcome = _failed(task, f"{type(exc).__name__}: {exc}")
-                finished.add(task.spec.key)
+                    outcome = task.failed(f"{type(exc).__name__}: {exc}")
+                finished.add(task.key)
                 yield task, outcome
         finally:  # on interruption: drop queued scans instead of waiting for them
             pool.shutdown(wait=True, cancel_futures=True)
@@ -167,10 +166,6 @@ class LocalExecutor:
             while not started.empty():
                 running.add(started.get())
             running -= finished
-
-
-def _failed(task: ScanTask, reason: str) -> ScanOutcome:
-    return ScanOutcome(task.spec.subject, task.spec.visit, "failed", None, reason)
 
 
 # ---- Dask ---------------------------------------------------------------------------------------------
@@ -212,7 +207,7 @@ class DaskExecutor:
             with Client(self.scheduler) as client:
                 yield client
 
-    def run(self, tasks: Sequence[ScanTask]) -> Iterator[tuple[ScanTask, ScanOutcome]]:
+    def run(self, tasks: Sequence[Job]) -> Iterator[tuple[Job, ScanOutcome]]:
         from distributed import as_completed
 
         from bml_pipeline.batch.dask_plugin import ModelPreloader, run_task_on_worker
@@ -220,20 +215,19 @@ class DaskExecutor:
         if not tasks:
             return
         with self.client() as client:
-            for model, device in sorted({(model_for(t.spec, t.settings), t.settings.device) for t in tasks
-                                         if t.spec.labels is None}):
+            for model, device in sorted({(t.model, t.settings.device) for t in tasks if t.model is not None}):
                 client.register_plugin(ModelPreloader(model, parse_devices(device)), name=f"bml-model-{model}")
             batch_id = uuid.uuid4().hex[:8]
             futures = {}
             for task in tasks:
-                resources = {"GPU": 1} if self.gpu and task.spec.labels is None else None
-                key = f"scan-{task.spec.subject}-{task.spec.visit}-{batch_id}"
+                resources = {"GPU": 1} if self.gpu and task.model is not None else None
+                key = f"bml-{'-'.join(task.key)}-{batch_id}"
                 futures[client.submit(run_task_on_worker, task, key=key, resources=resources, pure=False)] = task
             for future in as_completed(futures):
                 task = futures[future]
                 try:
                     outcome = future.result()
                 except Exception as exc:  # noqa: BLE001 - KilledWorker, lost connection ...
-                    outcome = _failed(task, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+                    outcome = task.failed(f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
                 future.release()
                 yield task, outcome

@@ -47,7 +47,7 @@ def run_batch(
     scans: Sequence[ScanSpec],
     out: str | Path,
     executor: Executor,
-    settings: BatchSettings = BatchSettings(),
+    settings: BatchSettings | None = None,
     *,
     resume: bool = False,
     scan_fn: ScanFunction | None = None,
@@ -59,13 +59,14 @@ def run_batch(
         scans: validated manifest rows (:func:`~bml_pipeline.batch.manifest.load_manifest`).
         out: output folder; each scan goes to ``<out>/<subject>/<visit>/``.
         executor: :class:`~bml_pipeline.batch.executors.LocalExecutor` or ``DaskExecutor``.
-        settings: schema, default model, device, per-scan reports.
+        settings: schema, default model, device, per-scan reports (None: defaults).
         resume: reuse scans whose completion marker matches their current inputs and settings;
             without it every scan is recomputed.
         scan_fn: the per-scan job (default: the full pipeline); must be a picklable module-level function.
         on_outcome: called in this process as each scan finishes (progress display).
     """
     out = Path(out)
+    settings = settings or BatchSettings()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     tasks = [ScanTask(spec, spec.run_dir(out), settings, resume, scan_fn) for spec in scans]

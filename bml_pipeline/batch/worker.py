@@ -12,9 +12,9 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bml_pipeline.batch import store
 from bml_pipeline.batch.manifest import ScanSpec
@@ -50,6 +50,38 @@ ScanFunction = Callable[[ScanSpec, Path, BatchSettings, dict[str, Any]], dict[st
 
 
 @dataclass(frozen=True)
+class ScanOutcome:
+    """Result of one job: ``status`` is ``"done"``, ``"skipped"`` (finished earlier) or ``"failed"``.
+
+    ``visit`` is the scan's visit, or ``"<baseline>-><followup>"`` for a visit pair.
+    """
+
+    subject: str
+    visit: str
+    status: str
+    row: dict[str, Any] | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class Job(Protocol):
+    """What executors run: a picklable unit of work with a unique key."""
+
+    @property
+    def key(self) -> tuple[str, str]: ...
+
+    @property
+    def model(self) -> str | None:
+        """The segmentation model the job loads, None when it needs none (no GPU)."""
+
+    def execute(self, device: str | None = None) -> ScanOutcome:
+        """Run in a worker (on ``device`` when given); never raises for bad input."""
+
+    def failed(self, reason: str) -> ScanOutcome:
+        """The outcome recorded when the job's worker died."""
+
+
+@dataclass(frozen=True)
 class ScanTask:
     """One unit of batch work: a scan, where it goes, and how it is processed."""
 
@@ -59,17 +91,21 @@ class ScanTask:
     resume: bool
     scan_fn: ScanFunction | None = None  # None: the real pipeline (pipeline_scan)
 
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.spec.key
 
-@dataclass(frozen=True)
-class ScanOutcome:
-    """Result of one scan: ``status`` is ``"done"``, ``"skipped"`` (finished earlier) or ``"failed"``."""
+    @property
+    def model(self) -> str | None:
+        return model_for(self.spec, self.settings)
 
-    subject: str
-    visit: str
-    status: str
-    row: dict[str, Any] | None = None
-    error: str | None = None
-    seconds: float = 0.0
+    def execute(self, device: str | None = None) -> ScanOutcome:
+        task = self if device in (None, self.settings.device) else \
+            replace(self, settings=replace(self.settings, device=device))
+        return run_task(task)
+
+    def failed(self, reason: str) -> ScanOutcome:
+        return ScanOutcome(self.spec.subject, self.spec.visit, "failed", None, reason)
 
 
 def pipeline_scan(spec: ScanSpec, run_dir: Path, settings: BatchSettings,
