@@ -162,9 +162,20 @@ def compartment_specs(scene: Scene, side: str | None) -> list[SliceSpec]:
     return specs
 
 
-def matched_point(spec: SliceSpec, current: Scene, prior: Scene) -> tuple[np.ndarray, str] | None:
-    """Where ``spec``'s point lies in the prior visit: the same offset from the reference structure's
-    centroid (no registration needed). Returns the point and a note saying how it was matched."""
+def matched_point(spec: SliceSpec, current: Scene, prior: Scene,
+                  transforms: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, str] | None:
+    """Where ``spec``'s point lies in the prior visit, and a note saying how it was matched.
+
+    With a rigid alignment of the reference structure's bone (``transforms``: bone -> 4x4 matrix
+    mapping prior RAS mm to current RAS mm, as in ``change.json``), the point is mapped through its
+    inverse; otherwise it keeps its offset from the reference structure's centroid.
+    """
+    structure = current.schema.by_name(spec.reference)
+    bone = structure.name if structure.kind == "bone" else structure.bone
+    matrix = (transforms or {}).get(bone or "")
+    if matrix is not None:
+        point = np.linalg.solve(matrix[:3, :3], np.asarray(spec.point_mm) - matrix[:3, 3])
+        return point, f"matched through the {bone} alignment of change.json"
     here, there = current.centroid(spec.reference), prior.centroid(spec.reference)
     if here is None or there is None:
         return None

@@ -82,10 +82,16 @@ def write_pdf(html: str, target: Path) -> Path:
     """Render ``html`` to PDF at ``target`` with weasyprint (atomically). No resource is fetched."""
     import weasyprint
 
-    def no_fetch(url: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        raise ValueError(f"report PDFs fetch nothing (asked for {url[:60]})")
+    fetcher_class = getattr(weasyprint.urls, "URLFetcher", None)
+    if fetcher_class is not None:  # weasyprint >= 66: only the embedded data: URIs may be read
+        fetcher: Any = fetcher_class(allowed_protocols=("data",))
+    else:
+        def fetcher(url: str, *args: Any, **kwargs: Any) -> Any:
+            if not url.startswith("data:"):
+                raise ValueError(f"report PDFs fetch nothing from the network ({url[:60]})")
+            return weasyprint.default_url_fetcher(url, *args, **kwargs)
 
-    document = weasyprint.HTML(string=html, url_fetcher=no_fetch)
+    document = weasyprint.HTML(string=html, url_fetcher=fetcher)
     with atomic_path(target) as tmp:
         document.write_pdf(str(tmp))
     return target
@@ -156,6 +162,7 @@ def _figures(run: RunData, prior: RunData | None) -> dict[str, Any]:
     scene = figures.Scene(run.labels, run.image, run.schema)
     prior_scene = figures.Scene(prior.labels, prior.image, prior.schema) if prior and prior.labels is not None else None
     lesions = lesions_from_measurements(run.measurements) or lesions_from_labels(run.labels, run.schema)
+    transforms = alignment_matrices(run.change, prior) if prior is not None else {}
     specs = figures.lesion_specs(scene, lesions) + figures.compartment_specs(scene, run.measurements.get("side"))
     for spec in specs:
         current = scene.render_slice(spec, np.asarray(spec.point_mm))
@@ -163,7 +170,7 @@ def _figures(run: RunData, prior: RunData | None) -> dict[str, Any]:
             continue
         row = {"current": current, "prior": None, "match": None}
         if prior_scene is not None:
-            matched = figures.matched_point(spec, scene, prior_scene)
+            matched = figures.matched_point(spec, scene, prior_scene, transforms)
             if matched is not None:
                 row["prior"], row["match"] = prior_scene.render_slice(spec, matched[0]), matched[1]
         out["slices"].append(row)
@@ -178,6 +185,25 @@ def _figures(run: RunData, prior: RunData | None) -> dict[str, Any]:
     if any(t["current"] or t["prior"] for t in out["thickness"]):
         out["thickness_vmax"] = vmax
         out["colour_bar"] = figures.colour_bar_uri()
+    return out
+
+
+def alignment_matrices(change: dict[str, Any] | None, prior: RunData) -> dict[str, np.ndarray]:
+    """Bone -> 4x4 prior-to-current matrix from ``change.json``'s alignment, when that file compares
+    with ``prior`` (its baseline labels are the prior run's, or it does not say)."""
+    change = mapping(change)
+    baseline = mapping(change.get("baseline")).get("labels")
+    prior_source = prior.labels.meta.source if prior.labels is not None else None
+    if isinstance(baseline, str) and prior_source and Path(baseline).resolve() != Path(prior_source).resolve():
+        return {}
+    out = {}
+    for bone, entry in mapping(change.get("alignment")).items():
+        try:
+            matrix = np.asarray(mapping(entry).get("matrix"), dtype=np.float64)
+        except (TypeError, ValueError):
+            continue
+        if matrix.shape == (4, 4) and np.all(np.isfinite(matrix)) and abs(np.linalg.det(matrix[:3, :3])) > 1e-6:
+            out[str(bone)] = matrix
     return out
 
 
