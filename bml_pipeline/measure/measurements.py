@@ -1,0 +1,289 @@
+"""``measure_labels``: every number of one scan (volumes, lesions, subregions, thickness) in one result,
+and ``write_measurements``: its files (``measurements.json``/``.csv``, ``provenance.json``, thickness maps).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bml_pipeline.errors import InputError
+from bml_pipeline.labels import LabelSchema
+from bml_pipeline.measure.config import MeasureConfig
+from bml_pipeline.measure.frame import bone_point_sets, knee_axes
+from bml_pipeline.measure.lesions import LesionSet, find_lesions
+from bml_pipeline.measure.side import SideEstimate, estimate_side
+from bml_pipeline.measure.subregions import BONE_REGIONS, CARTILAGE_REGIONS, SubregionModel, build_subregions
+from bml_pipeline.measure.thickness import ThicknessResult, cartilage_thickness
+from bml_pipeline.measure.volumes import MM3_PER_CM3, label_counts, structure_volumes
+from bml_pipeline.volume import Volume, bounding_box
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1"
+
+
+def moaks_grade(percent: float, volume_cm3: float) -> int:
+    """MOAKS BML size grade from the percent of the subregion's bone volume: 0 none, 1 < 33 %,
+    2 33-66 %, 3 > 66 %."""
+    if volume_cm3 <= 0:
+        return 0
+    return 1 if percent < 100.0 / 3.0 else 2 if percent <= 200.0 / 3.0 else 3
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """Everything measured on one label map.
+
+    ``to_dict()`` is the ``measurements.json`` content (DESIGN.md schema), ``flat_row()`` the CSV row.
+    ``thickness`` keeps each plate's per-point thickness and map (not serialised); ``timings_s`` the
+    seconds per step (they go to provenance.json, never into measurements).
+    """
+
+    side: SideEstimate
+    spacing_mm: tuple[float, float, float]
+    structures: dict[str, float | None]
+    bml: dict[str, dict[str, Any] | None]
+    cartilage: dict[str, dict[str, Any] | None]
+    anatomy: dict[str, Any] | None
+    config: MeasureConfig
+    thickness: dict[str, ThicknessResult] = field(default_factory=dict, compare=False)
+    timings_s: dict[str, float] = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready measurements, floats rounded to ``config.decimals``."""
+        present = [b["volume_cm3"] for b in self.bml.values() if b is not None]
+        raw = {
+            "schema_version": SCHEMA_VERSION,
+            "side": self.side.side,
+            "side_source": self.side.source,
+            "side_confidence": self.side.confidence,
+            "spacing_mm": list(self.spacing_mm),
+            "structures": {name: {"volume_cm3": v} for name, v in self.structures.items()},
+            "bml": {**self.bml, "total_volume_cm3": float(sum(present)) if present else None},
+            "cartilage": self.cartilage,
+            "anatomy": self.anatomy,
+        }
+        return _rounded(raw, self.config.decimals)
+
+    def to_json(self) -> str:
+        """``measurements.json`` text: sorted keys, fixed rounding, so reruns are byte-identical."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+    def flat_row(self) -> dict[str, Any]:
+        """One flat row (column -> value) of the same numbers; lists (single lesions) and the anatomy
+        block are left out, ``None`` stays ``None``."""
+        data = self.to_dict()
+        data.pop("anatomy", None)
+        row: dict[str, Any] = {}
+        _flatten(data, "", row)
+        return row
+
+    def to_csv(self) -> str:
+        """``measurements.csv`` text: a header and one row."""
+        row = self.flat_row()
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(list(row))
+        writer.writerow(["" if v is None else v for v in row.values()])
+        return buffer.getvalue()
+
+
+def measure_labels(labels: Volume, schema: LabelSchema, *, side: str | None = None, image: Volume | None = None,
+                   config: MeasureConfig | None = None) -> Measurements:
+    """Measure a label map: structure volumes, BML per bone (lesions, MOAKS subregions and grades) and
+    cartilage thickness per plate (distribution and subregion means), all in physical units.
+
+    Args:
+        labels: label map (values of ``schema``), any orientation and spacing.
+        schema: its label schema.
+        side: "left"/"right" when known; else taken from the image's or the labels' metadata, else
+            inferred from anatomy (see :mod:`~bml_pipeline.measure.side`).
+        image: the image the labels belong to (checked to share the grid; its laterality is used).
+        config: measure configuration (defaults when None).
+
+    Raises:
+        InputError: values not in the schema, image on another grid, an empty map, a cartilage plate or
+            lesion without its bone, or a lesion that does not touch its bone.
+    """
+    config = config or MeasureConfig()
+    source = labels.meta.source
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = now - clock
+        clock = now
+
+    if side not in (None, "left", "right"):
+        raise InputError(source, f"side must be 'left' or 'right', got {side!r}")
+    schema.check_values(labels.array, source)
+    if image is not None:
+        labels.require_same_grid(image, "image and label map")
+    counts = label_counts(labels)
+    volumes = structure_volumes(labels, schema, counts)
+    _check_structures(volumes, schema, source)
+    lap("volumes")
+
+    points = bone_point_sets(labels, schema)
+    axes = knee_axes(labels, schema, points)
+    side_estimate = estimate_side(labels, schema, side=side, axes=axes, points=points,
+                                  metadata_side=image.meta.laterality if image is not None else None)
+    model = build_subregions(axes, side_estimate.side, points) if axes is not None and side_estimate.side else None
+    if model is None:
+        log.warning("%s: no anatomical frame or side; subregions are left out", source)
+    lap("anatomy")
+
+    bml: dict[str, dict[str, Any] | None] = {}
+    for bone in schema.bones:
+        lesion = schema.lesion_of(bone.name)
+        if volumes.get(bone.name) is None or lesion is None:
+            bml[bone.name] = None
+            continue
+        found = find_lesions(labels, lesion.id, bone.id, min_volume_mm3=config.min_lesion_volume_mm3,
+                             connectivity=config.lesion_connectivity, name=lesion.name)
+        bml[bone.name] = _bone_bml(labels, schema, bone.name, found, model)
+    lap("lesions")
+
+    cartilage: dict[str, dict[str, Any] | None] = {}
+    thickness: dict[str, ThicknessResult] = {}
+    for plate in schema.of_kind("cartilage"):
+        if volumes.get(plate.name) is None or plate.bone is None or volumes.get(plate.bone) is None:
+            cartilage[plate.name] = None
+            continue
+        result = cartilage_thickness(labels, schema, plate.name, config=config)
+        thickness[plate.name] = result
+        cartilage[plate.name] = _plate_entry(result, volumes[plate.name], plate.bone, model)
+        lap(f"thickness_{plate.name}")
+
+    anatomy = None
+    if axes is not None:
+        anatomy = {"side_votes_mm": side_estimate.votes, **(model.to_dict() if model else {"axes": axes.to_dict()})}
+    return Measurements(side=side_estimate, spacing_mm=labels.spacing, structures=volumes, bml=bml,
+                        cartilage=cartilage, anatomy=anatomy, config=config, thickness=thickness, timings_s=timings)
+
+
+def _check_structures(volumes: dict[str, float | None], schema: LabelSchema, source: str | None) -> None:
+    if all(v is None for v in volumes.values()):
+        raise InputError(source, "label map is empty: it holds no labelled structure")
+    for s in schema.structures:
+        if s.bone is not None and volumes.get(s.name) is not None and volumes.get(s.bone) is None:
+            raise InputError(source, f"{s.name} (label {s.id}) is present but its bone {s.bone} "
+                                     f"(label {schema.by_name(s.bone).id}) is not")
+
+
+def _bone_bml(labels: Volume, schema: LabelSchema, bone: str, found: LesionSet,
+              model: SubregionModel | None) -> dict[str, Any]:
+    voxel_mm3 = labels.voxel_volume_mm3
+    entry: dict[str, Any] = {
+        "volume_cm3": found.volume_mm3 / MM3_PER_CM3,
+        "lesion_count": len(found.lesions),
+        "ignored_volume_cm3": found.ignored_volume_mm3 / MM3_PER_CM3,
+        "lesions": [{"volume_cm3": les.volume_mm3 / MM3_PER_CM3, "centroid_mm": list(les.centroid_mm),
+                     "diameter_mm": les.diameter_mm} for les in found.lesions],
+        "subregions": {},
+    }
+    if model is None or bone not in model.bounds:
+        return entry
+    names = BONE_REGIONS[bone]
+    full = np.isin(labels.array, schema.bone_ids(bone))
+    box = bounding_box(full)
+    assert box is not None  # the bone is present
+    origin = np.array([s.start for s in box])
+    bone_region = model.classify(bone, labels.world_coords(np.argwhere(full[box]) + origin))
+    bone_counts = np.bincount(bone_region[bone_region >= 0], minlength=len(names))
+    lesion_idx = np.argwhere(found.mask)
+    lesion_region = model.classify(bone, labels.world_coords(lesion_idx))
+    lesion_counts = np.bincount(lesion_region[lesion_region >= 0], minlength=len(names))
+    entry["outside_subregions_cm3"] = float(np.count_nonzero(lesion_region < 0) * voxel_mm3 / MM3_PER_CM3)
+    for i, name in enumerate(names):
+        volume = lesion_counts[i] * voxel_mm3 / MM3_PER_CM3
+        percent = 100.0 * lesion_counts[i] / bone_counts[i] if bone_counts[i] else 0.0
+        entry["subregions"][name] = {"volume_cm3": float(volume), "percent_of_subregion": float(percent),
+                                     "grade": moaks_grade(percent, volume),
+                                     "bone_volume_cm3": float(bone_counts[i] * voxel_mm3 / MM3_PER_CM3)}
+    return entry
+
+
+def _plate_entry(result: ThicknessResult, volume_cm3: float | None, bone: str,
+                 model: SubregionModel | None) -> dict[str, Any]:
+    stats = result.stats
+    entry: dict[str, Any] = {
+        "volume_cm3": volume_cm3,
+        "interface_area_mm2": stats.area_mm2 if stats else None,
+        "thickness_mm": stats.to_dict() if stats else None,
+        "subregions": {},
+    }
+    if model is None or bone not in model.bounds or stats is None:
+        return entry
+    region = model.classify(bone, result.points_mm, clip_height=False)
+    names = BONE_REGIONS[bone]
+    for name, parts in CARTILAGE_REGIONS[bone].items():
+        select = np.isin(region, [names.index(p) for p in parts])
+        entry["subregions"][name] = {"thickness_mean_mm": result.mean_in(select)}
+    return entry
+
+
+def _rounded(value: Any, decimals: int) -> Any:
+    """Floats rounded (NaN/Inf -> None), numpy scalars made plain, containers recursed."""
+    if isinstance(value, dict):
+        return {str(k): _rounded(v, decimals) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v, decimals) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        f = float(value)
+        if not math.isfinite(f):
+            return None
+        r = round(f, decimals)
+        return 0.0 if r == 0 else r  # no "-0.0"
+    return value
+
+
+def _flatten(value: Any, prefix: str, row: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for key in sorted(value):
+            _flatten(value[key], f"{prefix}.{key}" if prefix else str(key), row)
+    elif isinstance(value, list):
+        if prefix.endswith("lesions"):
+            return
+        for i, v in enumerate(value):
+            _flatten(v, f"{prefix}.{i}", row)
+    else:
+        row[prefix] = value
+
+
+def write_measurements(out_dir: str | Path, measurements: Measurements, provenance: dict[str, Any]) -> None:
+    """Write ``measurements.json``, ``measurements.csv``, ``provenance.json`` and one thickness map per
+    plate (``thickness_<plate>.nii.gz``, mm, float32) into ``out_dir``.
+
+    All text is rendered before anything is written, and each file is written atomically (temporary
+    file + rename), so a failure never leaves a half-written file.
+    """
+    from bml_pipeline.io import write_nifti, write_text_atomic
+
+    out = Path(out_dir)
+    texts = {
+        "measurements.json": measurements.to_json(),
+        "measurements.csv": measurements.to_csv(),
+        "provenance.json": json.dumps(provenance, indent=2, sort_keys=True, default=str) + "\n",
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for plate, result in sorted(measurements.thickness.items()):
+        write_nifti(result.thickness_map, out / f"thickness_{plate}.nii.gz", dtype=np.float32)
+    for name, text in texts.items():
+        write_text_atomic(out / name, text)
