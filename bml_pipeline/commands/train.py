@@ -11,12 +11,20 @@ from bml_pipeline.commands import Command
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="training YAML (configs/models/<name>.yaml)")
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    parser.add_argument("--export", metavar="PATH",
+                        help="do not train: write the run's checkpoint as a safetensors weights file")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                        help="which checkpoint --export writes (default: best validation Dice)")
 
 
 def _run(args: argparse.Namespace) -> int:
     from bml_pipeline.segment.config import load_train_config
-    from bml_pipeline.segment.training import train
+    from bml_pipeline.segment.training import export_checkpoint, train
 
+    if args.export:
+        info = export_checkpoint(load_train_config(args.config), args.export, args.checkpoint)
+        print(f"exported step {info['step']} to {args.export}")
+        return 0
     ckpt = train(load_train_config(args.config), resume=not args.fresh)
     print(f"checkpoint: {ckpt}")
     return 0

@@ -93,6 +93,8 @@ class TrainingConfig:
     validate_every: int = 1000
     validation_volumes: int = 2
     pool_size: int = 32
+    pool_volumes_max: int = 0
+    """Stop synthesizing after this many pool volumes in total (0: never stop)."""
     pool_refresh_every: int = 100
     lesion_patch_fraction: float = 0.3
     cartilage_patch_fraction: float = 0.4

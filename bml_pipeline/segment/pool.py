@@ -104,8 +104,9 @@ def synthesize_training_volume(labels: Volume, spacing_mm: float, rng: np.random
 
 
 def run_pool_generator(label_paths: list[Path], out_dir: Path, spacing_mm: float, percentiles: tuple[float, float],
-                       seed: int, pool_size: int, stop_file: Path | None = None) -> None:
-    """Write synthesized volumes to ``out_dir`` forever, cycling file names modulo ``pool_size``.
+                       seed: int, pool_size: int, stop_file: Path | None = None, max_volumes: int = 0) -> None:
+    """Write synthesized volumes to ``out_dir``, cycling file names modulo ``pool_size``, until
+    ``max_volumes`` have been made in total (0: forever) or ``stop_file`` exists.
 
     Volume number ``n`` uses seed ``(seed, n)``, so the sequence is reproducible. Stops when
     ``stop_file`` exists. Resumes numbering after the highest index already in ``out_dir/next.txt``.
@@ -115,7 +116,7 @@ def run_pool_generator(label_paths: list[Path], out_dir: Path, spacing_mm: float
     out_dir.mkdir(parents=True, exist_ok=True)
     counter = out_dir / "next.txt"
     n = int(counter.read_text()) if counter.exists() else 0
-    while stop_file is None or not stop_file.exists():
+    while (stop_file is None or not stop_file.exists()) and (max_volumes <= 0 or n < max_volumes):
         rng = np.random.default_rng([seed, n])
         path = label_paths[int(rng.integers(len(label_paths)))]
         t0 = time.time()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import signal
 import time
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def train(config: TrainConfig, resume: bool = True) -> Path:
     ctx = mp.get_context("spawn")
     worker = ctx.Process(target=_pool_worker, daemon=True, args=((
         train_paths, pool_dir, mc.working_spacing_mm, mc.inference.percentiles, tc.seed, tc.pool_size,
-        run_dir / "STOP"),))
+        run_dir / "STOP", tc.pool_volumes_max),))
     worker.start()
 
     val_rng = np.random.default_rng([tc.seed, 10**6])
@@ -100,62 +101,94 @@ def train(config: TrainConfig, resume: bool = True) -> Path:
         logf.write(json.dumps({"time": time.strftime("%H:%M:%S"), "step": step, **rec}) + "\n")
         logf.flush()
 
-    pool: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-    losses: list[float] = []
-    t0 = time.time()
-    while step < tc.max_steps and not (run_dir / "STOP").exists():
-        if step % tc.pool_refresh_every == 0 or len(pool) < 2:
-            files = sorted(pool_dir.glob("vol_*.npz"))
-            while len(files) < 2:
-                time.sleep(5)
+    def _loop() -> None:
+        nonlocal step, best
+        pool: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        losses: list[float] = []
+        t0 = time.time()
+        while step < tc.max_steps and not (run_dir / "STOP").exists():
+            if step % tc.pool_refresh_every == 0 or len(pool) < 2:
                 files = sorted(pool_dir.glob("vol_*.npz"))
-            pool = []
-            for f in files:
-                try:
-                    with np.load(f) as z:
-                        image, labels = z["image"], z["labels"]
-                    flat = labels.ravel()
-                    pool.append((image, labels, np.flatnonzero(np.isin(flat, lesion_ids)),
-                                 np.flatnonzero(np.isin(flat, cartilage_ids))))
-                except (OSError, ValueError, KeyError):
-                    continue
-        net.train()
-        imgs, labs = [], []
-        for _ in range(tc.batch_size):
-            image, labels, lesion_idx, cartilage_idx = pool[int(rng.integers(len(pool)))]
-            img, lab = sample_patch(image, labels, tc.patch_size, rng, lesion_idx, cartilage_idx,
-                                    tc.lesion_patch_fraction, tc.cartilage_patch_fraction)
-            imgs.append(img)
-            labs.append(lab)
-        x = torch.from_numpy(np.stack(imgs)[:, None])
-        y = torch.from_numpy(np.stack(labs)[:, None])
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(x), y)
-        loss.backward()
-        opt.step()
-        step += 1
-        losses.append(float(loss.detach()))
-        if step % 50 == 0:
-            emit(loss=float(np.mean(losses)), sec_per_step=(time.time() - t0) / 50, pool=len(pool))
-            losses, t0 = [], time.time()
-        if step % tc.checkpoint_every == 0:
-            torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "best": best},
-                       run_dir / "checkpoint.tmp")
-            (run_dir / "checkpoint.tmp").replace(ckpt_path)
-        if step % tc.validate_every == 0 and validation:
-            scores = []
-            for image, labels in validation:
-                probs = predict_probabilities(net, image.astype(np.float32), mc.inference, torch.device("cpu"))
-                pred = probs.argmax(0).numpy()
-                scores.append(dice_per_label(pred, labels, class_ids))
-            per_label = {str(k): float(np.nanmean([s[k] for s in scores])) for k in class_ids}
-            main = float(np.nanmean([per_label[str(k)] for k in (1, 2, 3, 4, 5, 6)]))
-            emit(val_dice=per_label, val_main=main)
-            if main > best:
-                best = main
-                torch.save({"model": net.state_dict(), "step": step, "val_dice": per_label}, run_dir / "best.pt")
-            t0 = time.time()
-    (run_dir / "STOP").touch()
-    worker.join(timeout=120)
-    logf.close()
+                while len(files) < 2:
+                    time.sleep(5)
+                    files = sorted(pool_dir.glob("vol_*.npz"))
+                pool = []
+                for f in files:
+                    try:
+                        with np.load(f) as z:
+                            image, labels = z["image"], z["labels"]
+                        flat = labels.ravel()
+                        pool.append((image, labels, np.flatnonzero(np.isin(flat, lesion_ids)),
+                                     np.flatnonzero(np.isin(flat, cartilage_ids))))
+                    except (OSError, ValueError, KeyError):
+                        continue
+            net.train()
+            imgs, labs = [], []
+            for _ in range(tc.batch_size):
+                image, labels, lesion_idx, cartilage_idx = pool[int(rng.integers(len(pool)))]
+                img, lab = sample_patch(image, labels, tc.patch_size, rng, lesion_idx, cartilage_idx,
+                                        tc.lesion_patch_fraction, tc.cartilage_patch_fraction)
+                imgs.append(img)
+                labs.append(lab)
+            x = torch.from_numpy(np.stack(imgs)[:, None])
+            y = torch.from_numpy(np.stack(labs)[:, None])
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(net(x), y)
+            loss.backward()
+            opt.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            if step % 50 == 0:
+                emit(loss=float(np.mean(losses)), sec_per_step=(time.time() - t0) / 50, pool=len(pool))
+                losses, t0 = [], time.time()
+            if step % tc.checkpoint_every == 0:
+                torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "best": best},
+                           run_dir / "checkpoint.tmp")
+                (run_dir / "checkpoint.tmp").replace(ckpt_path)
+            if step % tc.validate_every == 0 and validation:
+                scores = []
+                for image, labels in validation:
+                    probs = predict_probabilities(net, image.astype(np.float32), mc.inference, torch.device("cpu"))
+                    pred = probs.argmax(0).numpy()
+                    scores.append(dice_per_label(pred, labels, class_ids))
+                per_label = {str(k): float(np.nanmean([s[k] for s in scores])) for k in class_ids}
+                main = float(np.nanmean([per_label[str(k)] for k in (1, 2, 3, 4, 5, 6)]))
+                emit(val_dice=per_label, val_main=main)
+                if main > best:
+                    best = main
+                    torch.save({"model": net.state_dict(), "step": step, "val_dice": per_label}, run_dir / "best.pt")
+                t0 = time.time()
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        _loop()
+    except KeyboardInterrupt:
+        log.info("interrupted at step %d", step)
+    finally:
+        (run_dir / "STOP").touch()
+        worker.join(timeout=120)
+        logf.close()
     return ckpt_path
+
+
+def export_checkpoint(config: TrainConfig, out_path: str | Path, which: str = "best") -> dict[str, object]:
+    """Write ``<run_dir>/{best,checkpoint}.pt`` as a shipped safetensors weights file; returns the
+    checkpoint's step and validation Dice (when recorded)."""
+    import torch
+
+    from bml_pipeline.segment.network import build_network
+    from bml_pipeline.segment.weights import save_weights
+
+    path = Path(config.training.run_dir) / ("best.pt" if which == "best" else "checkpoint.pt")
+    if not path.exists():
+        raise InputError(path, "checkpoint not found")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    net = build_network(config.model)
+    net.load_state_dict(ckpt["model"])
+    info = {"step": int(ckpt["step"]), "val_dice": ckpt.get("val_dice")}
+    save_weights(out_path, net, config.model, extra={"training_step": str(info["step"]),
+                                                      "training_val_dice": json.dumps(info["val_dice"])})
+    return info
