@@ -28,6 +28,7 @@ from bml_pipeline.io import read_labels, write_nifti, write_text_atomic
 from bml_pipeline.volume import Volume
 
 AFFINE = np.diag([0.7, 0.3646, 0.3646, 1.0])
+NO_REPORT = BatchSettings(report=False)
 
 
 def volume_scan(spec: ScanSpec, run_dir: Path, settings: BatchSettings, provenance: dict[str, Any]) -> dict:
@@ -41,6 +42,20 @@ def volume_scan(spec: ScanSpec, run_dir: Path, settings: BatchSettings, provenan
     row = {f"label{i}_mm3": round(float(counts[i] * labels.voxel_volume_mm3), 6) for i in range(1, 10)}
     write_text_atomic(run_dir / "measurements.json", json.dumps({"provenance": provenance, "row": row}))
     return row
+
+
+def volume_change(baseline: ScanSpec, baseline_dir: Path, followup: ScanSpec, followup_dir: Path,
+                  settings: BatchSettings) -> dict:
+    """Test stand-in for the change job: change of the label-7 volume (as BML total, in cm3)."""
+    if followup.key == ("s2", "36m"):
+        raise InputError(followup.labels, "not the same knee")
+    volumes = [json.loads((d / MARKER_NAME).read_text())["row"]["label7_mm3"] / 1000
+               for d in (baseline_dir, followup_dir)]
+    return {"side": baseline.side, "bml": {"total": {"baseline_cm3": volumes[0], "followup_cm3": volumes[1],
+                                                     "delta_cm3": round(volumes[1] - volumes[0], 6)}}}
+
+
+FAKE: dict[str, Any] = {"scan_fn": volume_scan, "pair_fn": volume_change, "settings": NO_REPORT}
 
 
 def _phantom(path: Path, seed: int, femur: bool = True) -> Path:
@@ -70,15 +85,18 @@ def test_failure_isolation(tmp_path: Path) -> None:
     data = tmp_path / "data"
     (data / "s0_36m.nii.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")          # corrupt file
     _phantom(data / "s1_00m.nii.gz", seed=99, femur=False)                   # no bone found
-    summary = run_batch(load_manifest(manifest), tmp_path / "out", LocalExecutor(2), scan_fn=volume_scan)
+    summary = run_batch(load_manifest(manifest), tmp_path / "out", LocalExecutor(2), **FAKE)
 
-    assert (summary.done, summary.skipped, summary.failed, summary.exit_code) == (4, 0, 2, 3)
+    assert (summary.done, summary.skipped, summary.pairs_done, summary.failed, summary.exit_code) == (4, 0, 0, 3, 3)
     with (tmp_path / "out" / "errors.csv").open(newline="") as fh:
         errors = list(csv.reader(fh))
-    assert errors[0] == ["subject", "visit", "error"]
-    assert errors[1][:2] == ["s0", "36m"] and errors[1][2].startswith(f"{data / 's0_36m.nii.gz'}: not a readable")
-    assert errors[2] == ["s1", "00m", f"{data / 's1_00m.nii.gz'}: no bone found (femur label 1 is empty)"]
-    assert len(errors) == 3
+    assert errors[0] == ["subject", "visit", "stage", "error"]
+    assert errors[1][:3] == ["s0", "36m", "scan"]
+    assert errors[1][3].startswith(f"{data / 's0_36m.nii.gz'}: not a readable")
+    assert errors[2] == ["s1", "00m", "scan", f"{data / 's1_00m.nii.gz'}: no bone found (femur label 1 is empty)"]
+    assert errors[3] == ["s2", "00m->36m", "change", f"{data / 's2_36m.nii.gz'}: not the same knee"]
+    assert len(errors) == 4
+    assert (tmp_path / "out" / "changes.csv").read_text() == "subject,baseline_visit,followup_visit\n"
     cohort = (tmp_path / "out" / "cohort.csv").read_text().splitlines()
     assert [line.split(",")[:2] for line in cohort[1:]] == [["s0", "00m"], ["s1", "36m"], ["s2", "00m"],
                                                             ["s2", "36m"]]
@@ -89,9 +107,9 @@ def test_failure_isolation(tmp_path: Path) -> None:
 
 def test_all_done_exit_code_and_tables(tmp_path: Path) -> None:
     manifest = _cohort(tmp_path, n_subjects=2)
-    summary = run_batch(load_manifest(manifest), tmp_path / "out", LocalExecutor(1), scan_fn=volume_scan)
-    assert (summary.done, summary.failed, summary.exit_code) == (4, 0, 0)
-    assert (tmp_path / "out" / "errors.csv").read_text() == "subject,visit,error\n"
+    summary = run_batch(load_manifest(manifest), tmp_path / "out", LocalExecutor(1), **FAKE)
+    assert (summary.done, summary.pairs_done, summary.failed, summary.exit_code) == (4, 2, 0, 0)
+    assert (tmp_path / "out" / "errors.csv").read_text() == "subject,visit,stage,error\n"
     import pandas as pd
 
     csv = pd.read_csv(tmp_path / "out" / "cohort.csv", dtype={"visit": str})
@@ -101,20 +119,33 @@ def test_all_done_exit_code_and_tables(tmp_path: Path) -> None:
     assert csv.loc[3, "label4_mm3"] == pytest.approx(expected, abs=1e-6)
     log = (tmp_path / "out" / "s1" / "36m" / "scan.log").read_text()
     assert "scan s1 36m" in log and "finished" in log
-
+    changes = pd.read_csv(tmp_path / "out" / "changes.csv", dtype={"baseline_visit": str, "followup_visit": str})
+    assert changes[["subject", "baseline_visit", "followup_visit"]].values.tolist() == [["s0", "00m", "36m"],
+                                                                                       ["s1", "00m", "36m"]]
+    delta = (csv.loc[3, "label7_mm3"] - csv.loc[2, "label7_mm3"]) / 1000
+    assert changes.loc[1, "bml_total_delta_cm3"] == pytest.approx(delta, abs=1e-6)
+    assert (tmp_path / "out" / "s1" / "changes" / "00m_to_36m" / "change.json").exists()
+    stats = json.loads((tmp_path / "out" / "cohort_stats.json").read_text())["measures"]
+    assert [(m["measure"], m["n"]) for m in stats] == [("bml_total_delta_cm3", 2), ("bml_total_delta_percent", 0)]
+    assert stats[0]["mean"] == pytest.approx(changes["bml_total_delta_cm3"].mean(), abs=1e-6)
 
 def test_resume_recomputes_only_changed_or_unfinished(tmp_path: Path) -> None:
     manifest = _cohort(tmp_path, n_subjects=2)
     scans, out = load_manifest(manifest), tmp_path / "out"
-    run_batch(scans, out, LocalExecutor(1), scan_fn=volume_scan)
+    run_batch(scans, out, LocalExecutor(1), **FAKE)
     _phantom(tmp_path / "data" / "s0_36m.nii.gz", seed=1234)        # input changed
     (out / "s1" / "00m" / MARKER_NAME).unlink()                       # unfinished
     seen: dict[tuple[str, str], str] = {}
-    summary = run_batch(scans, out, LocalExecutor(1), resume=True, scan_fn=volume_scan,
+    summary = run_batch(scans, out, LocalExecutor(1), resume=True, **FAKE,
                         on_outcome=lambda o: seen.__setitem__((o.subject, o.visit), o.status))
+    # s1 00m is recomputed from unchanged inputs, so its results and its pair stay valid
     assert seen == {("s0", "00m"): "skipped", ("s0", "36m"): "done", ("s1", "00m"): "done",
-                    ("s1", "36m"): "skipped"}
-    assert (summary.done, summary.skipped) == (2, 2)
+                    ("s1", "36m"): "skipped", ("s0", "00m->36m"): "done", ("s1", "00m->36m"): "skipped"}
+    assert (summary.done, summary.skipped, summary.pairs_done, summary.pairs_skipped) == (2, 2, 1, 1)
+    seen.clear()
+    run_batch(scans, out, LocalExecutor(1), resume=True, **FAKE,
+              on_outcome=lambda o: seen.__setitem__((o.subject, o.visit), o.status))
+    assert set(seen.values()) == {"skipped"} and len(seen) == 6
 
 
 def test_settings_change_invalidates_marker(tmp_path: Path) -> None:
@@ -129,8 +160,9 @@ def test_settings_change_invalidates_marker(tmp_path: Path) -> None:
 def test_worker_death_is_recorded_not_fatal(tmp_path: Path) -> None:
     manifest = _cohort(tmp_path, n_subjects=2)
     scans = load_manifest(manifest)[:3]
-    summary = run_batch(scans, tmp_path / "out", LocalExecutor(2), scan_fn=dying_scan)
-    assert summary.failures == [("s0", "36m", WORKER_DIED)]
+    summary = run_batch(scans, tmp_path / "out", LocalExecutor(2), scan_fn=dying_scan, pair_fn=volume_change,
+                        settings=NO_REPORT)
+    assert summary.failures == [("s0", "36m", "scan", WORKER_DIED)]
     assert summary.done == 2
 
 
@@ -144,18 +176,20 @@ def dying_scan(spec: ScanSpec, run_dir: Path, settings: BatchSettings, provenanc
 def test_dask_executor_matches_local(tmp_path: Path) -> None:
     manifest = _cohort(tmp_path, n_subjects=2)
     scans = load_manifest(manifest)
-    local = run_batch(scans, tmp_path / "local", LocalExecutor(1), scan_fn=volume_scan)
-    dask = run_batch(scans, tmp_path / "dask", DaskExecutor(workers=1), scan_fn=volume_scan)
+    local = run_batch(scans, tmp_path / "local", LocalExecutor(1), **FAKE)
+    dask = run_batch(scans, tmp_path / "dask", DaskExecutor(workers=1), **FAKE)
     assert local.done == dask.done == 4
-    assert (tmp_path / "local" / "cohort.csv").read_bytes() == (tmp_path / "dask" / "cohort.csv").read_bytes()
+    for name in ("cohort.csv", "changes.csv", "errors.csv"):
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "dask" / name).read_bytes()
 
 
 _RUNNER = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_batch import volume_scan
-from bml_pipeline.batch import LocalExecutor, load_manifest, run_batch
-summary = run_batch(load_manifest({manifest!r}), {out!r}, LocalExecutor(1), resume={resume}, scan_fn=volume_scan,
+from test_batch import volume_change, volume_scan
+from bml_pipeline.batch import BatchSettings, LocalExecutor, load_manifest, run_batch
+summary = run_batch(load_manifest({manifest!r}), {out!r}, LocalExecutor(1), BatchSettings(report=False),
+                    resume={resume}, scan_fn=volume_scan, pair_fn=volume_change,
                     on_outcome=lambda o: print(o.subject, o.visit, o.status, flush=True))
 sys.exit(summary.exit_code)
 """
@@ -171,7 +205,7 @@ def _batch_process(manifest: Path, out: Path, resume: bool) -> subprocess.Popen:
 def test_kill9_then_resume_gives_identical_tables(tmp_path: Path) -> None:
     manifest = _cohort(tmp_path, n_subjects=2)
     assert run_batch(load_manifest(manifest), tmp_path / "straight", LocalExecutor(1),
-                     scan_fn=volume_scan).exit_code == 0
+                     **FAKE).exit_code == 0
 
     out = tmp_path / "killed"
     proc = _batch_process(manifest, out, resume=False)
@@ -189,7 +223,8 @@ def test_kill9_then_resume_gives_identical_tables(tmp_path: Path) -> None:
     assert resumed.returncode == 0
     statuses = {tuple(line.split()[:2]): line.split()[2] for line in stdout.splitlines()}
     assert {k for k, v in statuses.items() if v == "skipped"} == finished
-    assert {k for k, v in statuses.items() if v == "done"} == {(f"s{s}", v) for s in range(2)
-                                                               for v in ("00m", "36m")} - finished
-    for name in ("cohort.csv", "cohort.parquet", "errors.csv"):
+    scans = {(f"s{s}", v) for s in range(2) for v in ("00m", "36m")}
+    pairs = {("s0", "00m->36m"), ("s1", "00m->36m")}
+    assert {k for k, v in statuses.items() if v == "done"} == (scans - finished) | pairs
+    for name in ("cohort.csv", "cohort.parquet", "changes.csv", "errors.csv", "cohort_stats.csv"):
         assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name

@@ -28,7 +28,12 @@ WORKER_DIED = "worker process died while processing this scan (killed or out of 
 
 
 class Executor(Protocol):
-    """Runs scan tasks; yields ``(task, outcome)`` as each finishes."""
+    """Runs jobs; yields ``(job, outcome)`` as each finishes. As a context manager it keeps its workers
+    between :meth:`run` calls."""
+
+    def __enter__(self) -> Executor: ...  # noqa: PYI034
+
+    def __exit__(self, *exc: object) -> None: ...
 
     def run(self, tasks: Sequence[Job]) -> Iterator[tuple[Job, ScanOutcome]]: ...
 
@@ -90,12 +95,45 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+class _Pool:
+    """A spawn-context process pool whose workers report each job they start."""
+
+    def __init__(self, workers: int, threads: int, devices: tuple[str, ...]) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")
+        self.threads = threads
+        self.started = context.SimpleQueue()
+        self.finished: set[tuple[str, str]] = set()
+        self.executor = ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=_init_local_worker,
+            initargs=(threads, devices, context.Value("i", 0), self.started))
+
+    def submit_all(self, batch: Sequence[Job]) -> dict[Any, Job]:
+        with _environ(thread_env(self.threads)):  # inherited by the workers spawned here
+            return {self.executor.submit(_run_local, task): task for task in batch}
+
+    def running(self) -> set[tuple[str, str]]:
+        """Keys of jobs started in this pool and not finished."""
+        keys = set()
+        while not self.started.empty():
+            keys.add(self.started.get())
+        return keys - self.finished
+
+    def close(self, cancel: bool = False) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=cancel)
+
+
 class LocalExecutor:
     """A pool of ``workers`` processes on this machine (spawn start method: safe with threads and CUDA).
 
-    A worker that dies (killed, out of memory, crash in native code) breaks the pool. When one scan was
+    Used as a context manager, the pool stays up between :meth:`run` calls (scans, then visit pairs);
+    otherwise each call starts and stops its own.
+
+    A worker that dies (killed, out of memory, crash in native code) breaks the pool. When one job was
     running then, it is recorded as failed; when several were, they are rerun one at a time so that only
-    the scan that kills its worker fails. Scans not started yet go to a fresh pool.
+    the job that kills its worker fails. Jobs not started yet go to a fresh pool.
     """
 
     def __init__(self, workers: int = 1, threads_per_worker: int = 1) -> None:
@@ -103,69 +141,83 @@ class LocalExecutor:
             raise ValueError("workers must be at least 1")
         self.workers = workers
         self.threads_per_worker = threads_per_worker
+        self._keep = False
+        self._pool: _Pool | None = None
+
+    def __enter__(self) -> LocalExecutor:  # noqa: PYI034
+        self._keep = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._keep = False
+        if self._pool is not None:
+            self._pool.close(cancel=True)
+            self._pool = None
 
     def run(self, tasks: Sequence[Job]) -> Iterator[tuple[Job, ScanOutcome]]:
         queue: list[Job] = list(tasks)
         suspects: list[Job] = []
-        while queue or suspects:
-            isolated = bool(suspects)
-            if isolated:  # one process, so a crash names its scan
-                batch, workers, suspects = suspects, 1, []
-            else:
-                batch, workers, queue = queue, self.workers, []
-            broken: list[Job] = []
-            running: set[tuple[str, str]] = set()
-            yield from self._run_pool(batch, workers, broken, running)
-            if not broken:
-                continue
-            if not running:
-                for task in broken:
-                    yield task, task.failed("worker process could not start")
-                continue
-            log.warning("a worker process died; %d unfinished scans go to a fresh pool", len(broken))
-            for task in broken:
-                if task.key in running and len(running) == 1:
-                    yield task, task.failed(WORKER_DIED)
-                elif task.key in running or isolated:
-                    suspects.append(task)
+        try:
+            while queue or suspects:
+                isolated = bool(suspects)
+                if isolated:  # one process, so a crash names its job
+                    batch, suspects = suspects, []
+                    pool = _Pool(1, self.threads_per_worker, parse_devices(_device_of(batch[0])))
                 else:
-                    queue.append(task)
+                    batch, queue = queue, []
+                    if self._pool is None:
+                        self._pool = _Pool(self.workers, self.threads_per_worker,
+                                           parse_devices(_device_of(batch[0])))
+                    pool = self._pool
+                broken: list[Job] = []
+                yield from self._run_pool(pool, batch, broken)
+                if isolated:
+                    pool.close()
+                if not broken:
+                    continue
+                running = pool.running()
+                if not isolated:
+                    self._pool = None
+                pool.close()
+                if not running:
+                    for task in broken:
+                        yield task, task.failed("worker process could not start")
+                    continue
+                log.warning("a worker process died; %d unfinished jobs go to a fresh pool", len(broken))
+                for task in broken:
+                    if task.key in running and len(running) == 1:
+                        yield task, task.failed(WORKER_DIED)
+                    elif task.key in running or isolated:
+                        suspects.append(task)
+                    else:
+                        queue.append(task)
+        except BaseException:  # interrupted: drop queued jobs instead of waiting for them
+            if self._pool is not None:
+                self._pool.close(cancel=True)
+                self._pool = None
+            raise
+        if not self._keep and self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
-    def _run_pool(self, batch: list[Job], workers: int, broken: list[Job],
-                  running: set[tuple[str, str]]) -> Iterator[tuple[Job, ScanOutcome]]:
-        """Run ``batch`` in one pool; fill ``broken`` (unfinished when the pool broke) and ``running``
-        (keys of scans started but unfinished then)."""
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+    @staticmethod
+    def _run_pool(pool: _Pool, batch: list[Job], broken: list[Job]) -> Iterator[tuple[Job, ScanOutcome]]:
+        """Run ``batch`` in ``pool``; jobs unfinished when the pool broke go to ``broken``."""
+        from concurrent.futures import as_completed
         from concurrent.futures.process import BrokenProcessPool
 
-        context = multiprocessing.get_context("spawn")
-        devices = parse_devices(_device_of(batch[0]))
-        counter, started = context.Value("i", 0), context.SimpleQueue()
-        finished: set[tuple[str, str]] = set()
-        with _environ(thread_env(self.threads_per_worker)):  # inherited by the workers spawned here
-            pool = ProcessPoolExecutor(
-                max_workers=min(workers, len(batch)), mp_context=context, initializer=_init_local_worker,
-                initargs=(self.threads_per_worker, devices, counter, started))
-            futures = {pool.submit(_run_local, task): task for task in batch}
-        try:
-            for future in as_completed(futures):
-                task = futures[future]
-                try:
-                    outcome = future.result()
-                except BrokenProcessPool:
-                    broken.append(task)
-                    continue
-                except Exception as exc:  # noqa: BLE001 - e.g. an outcome that cannot be unpickled
-                    outcome = task.failed(f"{type(exc).__name__}: {exc}")
-                finished.add(task.key)
-                yield task, outcome
-        finally:  # on interruption: drop queued scans instead of waiting for them
-            pool.shutdown(wait=True, cancel_futures=True)
-        if broken:
-            while not started.empty():
-                running.add(started.get())
-            running -= finished
+        futures = pool.submit_all(batch)
+        for future in as_completed(futures):
+            task = futures[future]
+            try:
+                outcome = future.result()
+            except BrokenProcessPool:
+                broken.append(task)
+                continue
+            except Exception as exc:  # noqa: BLE001 - e.g. an outcome that cannot be unpickled
+                outcome = task.failed(f"{type(exc).__name__}: {exc}")
+            pool.finished.add(task.key)
+            yield task, outcome
 
 
 # ---- Dask ---------------------------------------------------------------------------------------------
@@ -180,6 +232,8 @@ class DaskExecutor:
         threads_per_worker: native threads per worker process (LocalCluster).
         gpu: submit segmentation scans with the worker resource ``GPU=1``, so they run only on workers
             started with ``--resources GPU=1`` (one per GPU); measure-only scans run anywhere.
+
+    Used as a context manager, the client (and LocalCluster) stays up between :meth:`run` calls.
     """
 
     def __init__(self, scheduler: str | None = None, workers: int = 1, threads_per_worker: int = 1,
@@ -188,6 +242,17 @@ class DaskExecutor:
         self.workers = workers
         self.threads_per_worker = threads_per_worker
         self.gpu = gpu
+        self._stack: contextlib.ExitStack | None = None
+        self._client: Any = None
+
+    def __enter__(self) -> DaskExecutor:  # noqa: PYI034
+        self._stack = contextlib.ExitStack()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            stack.close()
 
     @contextlib.contextmanager
     def client(self) -> Iterator[Any]:
@@ -214,8 +279,13 @@ class DaskExecutor:
 
         if not tasks:
             return
-        with self.client() as client:
-            for model, device in sorted({(t.model, t.settings.device) for t in tasks if t.model is not None}):
+        with contextlib.ExitStack() as own:
+            if self._client is None:
+                self._client = (self._stack or own).enter_context(self.client())
+            client = self._client
+            if self._stack is None:
+                own.callback(setattr, self, "_client", None)
+            for model, device in sorted({(t.model, _device_of(t)) for t in tasks if t.model is not None}):
                 client.register_plugin(ModelPreloader(model, parse_devices(device)), name=f"bml-model-{model}")
             batch_id = uuid.uuid4().hex[:8]
             futures = {}

@@ -1,8 +1,8 @@
-"""A batch: every scan of a manifest through an executor, then the cohort-level outputs.
+"""A batch: every scan of a manifest through an executor, visit pairs, then the cohort-level outputs.
 
-:func:`run_batch` maps the per-scan job over the scans (skipping finished ones when resuming), records
-failures without stopping, and writes ``cohort.csv``, ``cohort.parquet`` and ``errors.csv`` at the
-output folder. Exit status: 0 all scans done, 3 done with failures (see :mod:`bml_pipeline.cli`).
+:func:`run_batch` maps the per-scan job over the scans (skipping finished ones when resuming), then the
+change job over visit pairs, records failures without stopping, and writes the cohort tables, statistics
+and report at the output folder. Exit status: 0 all done, 3 done with failures (see :mod:`bml_pipeline.cli`).
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from bml_pipeline.batch.cohort import write_cohort_tables, write_errors
+from bml_pipeline.batch.changes import PairFunction, PairTask, visit_pairs
+from bml_pipeline.batch.cohort import write_changes, write_cohort_tables, write_errors
 from bml_pipeline.batch.executors import Executor
 from bml_pipeline.batch.manifest import ScanSpec
-from bml_pipeline.batch.worker import BatchSettings, ScanFunction, ScanOutcome, ScanTask
+from bml_pipeline.batch.worker import BatchSettings, ScanFunction, ScanOutcome, ScanTask, error_line
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +27,14 @@ EXIT_ALL_DONE, EXIT_WITH_FAILURES = 0, 3
 
 @dataclass
 class BatchSummary:
-    """Counts and failures of a finished batch."""
+    """Counts and failures of a finished batch (scans and visit pairs)."""
 
     total: int
     done: int = 0
     skipped: int = 0
-    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (subject, visit, reason)
+    pairs_done: int = 0
+    pairs_skipped: int = 0
+    failures: list[tuple[str, str, str, str]] = field(default_factory=list)  # subject, visit, stage, reason
     seconds: float = 0.0
 
     @property
@@ -39,7 +43,7 @@ class BatchSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 when every scan is done, 3 when some failed."""
+        """0 when every scan and pair is done, 3 when some failed."""
         return EXIT_WITH_FAILURES if self.failures else EXIT_ALL_DONE
 
 
@@ -51,42 +55,91 @@ def run_batch(
     *,
     resume: bool = False,
     scan_fn: ScanFunction | None = None,
+    pair_fn: PairFunction | None = None,
     on_outcome: Callable[[ScanOutcome], None] | None = None,
 ) -> BatchSummary:
-    """Process ``scans`` into ``out`` and write the cohort tables.
+    """Process ``scans`` into ``out``, compare visits, and write the cohort outputs.
+
+    Steps: every scan (:class:`~bml_pipeline.batch.worker.ScanTask`); then every visit pair of finished
+    scans (:func:`~bml_pipeline.batch.changes.visit_pairs`); then ``cohort.csv``, ``cohort.parquet``,
+    ``changes.csv``, ``errors.csv``, ``cohort_stats.json/.csv`` and ``cohort_report.html``.
 
     Args:
         scans: validated manifest rows (:func:`~bml_pipeline.batch.manifest.load_manifest`).
         out: output folder; each scan goes to ``<out>/<subject>/<visit>/``.
         executor: :class:`~bml_pipeline.batch.executors.LocalExecutor` or ``DaskExecutor``.
-        settings: schema, default model, device, per-scan reports (None: defaults).
-        resume: reuse scans whose completion marker matches their current inputs and settings;
-            without it every scan is recomputed.
-        scan_fn: the per-scan job (default: the full pipeline); must be a picklable module-level function.
-        on_outcome: called in this process as each scan finishes (progress display).
+        settings: schema, default model, device, reports on/off (None: defaults).
+        resume: reuse scans and pairs whose completion marker matches their current inputs and
+            settings; without it everything is recomputed.
+        scan_fn, pair_fn: the per-scan and per-pair jobs (default: the full pipeline); picklable
+            module-level functions.
+        on_outcome: called in this process as each scan or pair finishes (progress display).
     """
     out = Path(out)
     settings = settings or BatchSettings()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    tasks = [ScanTask(spec, spec.run_dir(out), settings, resume, scan_fn) for spec in scans]
-    summary = BatchSummary(total=len(tasks))
-    rows = []
-    for _task, outcome in executor.run(tasks):
-        if outcome.status == "failed":
-            summary.failures.append((outcome.subject, outcome.visit, outcome.error or "unknown error"))
-            log.warning("%s %s failed: %s", outcome.subject, outcome.visit, outcome.error)
-        else:
-            rows.append(outcome.row or {})
-            if outcome.status == "skipped":
-                summary.skipped += 1
-            else:
-                summary.done += 1
-        if on_outcome is not None:
-            on_outcome(outcome)
-    write_cohort_tables(out, rows)
-    write_errors(out, summary.failures)
+    summary = BatchSummary(total=len(scans))
+
+    scan_rows, finished, change_rows = [], [], []
+    with executor:  # workers stay up from the scans to the pairs
+        tasks = [ScanTask(spec, spec.run_dir(out), settings, resume, scan_fn) for spec in scans]
+        for task, outcome in executor.run(tasks):
+            if _record(summary, outcome, "scan", on_outcome):
+                scan_rows.append(outcome.row or {})
+                finished.append(task.spec)
+                summary.done += outcome.status == "done"
+                summary.skipped += outcome.status == "skipped"
+        cohort = write_cohort_tables(out, scan_rows)
+
+        pairs = [PairTask(a, b, out, settings, resume, pair_fn) for a, b in visit_pairs(finished)]
+        for _task, outcome in executor.run(pairs):
+            if _record(summary, outcome, "change", on_outcome):
+                change_rows.append(outcome.row or {})
+                summary.pairs_done += outcome.status == "done"
+                summary.pairs_skipped += outcome.status == "skipped"
+    changes = write_changes(out, change_rows)
+    stats = write_cohort_stats(out, changes)
+    errors = write_errors(out, summary.failures)
+    try:
+        if settings.report:
+            write_report(out, cohort, changes, errors, stats)
+    except Exception as exc:
+        log.exception("cohort report failed")
+        summary.failures.append(("", "", "report", error_line(exc)))
+        write_errors(out, summary.failures)
+
     summary.seconds = time.perf_counter() - start
-    log.info("batch finished: %d done, %d already finished, %d failed in %.1f s", summary.done,
-             summary.skipped, summary.failed, summary.seconds)
+    log.info("batch finished: %d scans done, %d already finished, %d pairs compared, %d failures in %.1f s",
+             summary.done, summary.skipped, summary.pairs_done + summary.pairs_skipped, summary.failed,
+             summary.seconds)
     return summary
+
+
+def _record(summary: BatchSummary, outcome: ScanOutcome, stage: str,
+            on_outcome: Callable[[ScanOutcome], None] | None) -> bool:
+    """Count a failure and call the progress hook; True when the outcome has a row."""
+    if on_outcome is not None:
+        on_outcome(outcome)
+    if outcome.status == "failed":
+        summary.failures.append((outcome.subject, outcome.visit, stage, outcome.error or "unknown error"))
+        log.warning("%s %s failed: %s", outcome.subject, outcome.visit, outcome.error)
+        return False
+    return True
+
+
+def write_cohort_stats(out: Path, changes: Any) -> list[dict[str, Any]]:
+    """``cohort_stats.json``/``.csv``: n, mean, SD, 95 % CI, SRM per change measure (empty without pairs)."""
+    from bml_pipeline.commands.cohort_stats import write_stats
+    from bml_pipeline.longitudinal.cohort import cohort_stats
+
+    rows = [s.to_dict() for s in cohort_stats(changes)] if len(changes) else []
+    write_stats(out, rows)
+    return rows
+
+
+def write_report(out: Path, cohort: Any, changes: Any, errors: Any, stats: list[dict[str, Any]]) -> None:
+    """``cohort_report.html`` from the tables just written."""
+    from bml_pipeline.report import write_cohort_report
+
+    write_cohort_report(out, cohort, changes, errors, stats)

@@ -36,7 +36,7 @@ class BatchSettings:
         model: segmentation model for rows without labels and without their own ``model`` (None: the
             pipeline's default model).
         device: torch device for segmentation.
-        report: write a per-scan ``report.html``.
+        report: write the per-scan ``report.html`` and the ``cohort_report.html``.
     """
 
     schema: str = "oai_zib"
@@ -152,7 +152,7 @@ def run_task(task: ScanTask) -> ScanOutcome:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     store.clear_marker(run_dir)
-    handler = _attach_scan_log(run_dir / LOG_NAME)
+    handler = attach_log(run_dir / LOG_NAME)
     try:
         log.info("scan %s %s: image=%s labels=%s side=%s", spec.subject, spec.visit, spec.image, spec.labels,
                  spec.side)
@@ -169,7 +169,7 @@ def run_task(task: ScanTask) -> ScanOutcome:
             (run_dir / name).unlink(missing_ok=True)
         return _failed(spec, error_line(exc), start)
     finally:
-        _detach_scan_log(handler)
+        detach_log(handler)
 
 
 def error_line(exc: BaseException) -> str:
@@ -183,8 +183,8 @@ def _failed(spec: ScanSpec, reason: str, start: float) -> ScanOutcome:
     return ScanOutcome(spec.subject, spec.visit, "failed", None, reason, time.perf_counter() - start)
 
 
-def _attach_scan_log(path: Path) -> logging.Handler:
-    """Send this thread's ``bml_pipeline`` log records to ``path`` (overwritten) while the scan runs."""
+def attach_log(path: Path) -> logging.Handler:
+    """Send this thread's ``bml_pipeline`` log records to ``path`` (overwritten) until :func:`detach_log`."""
     handler = logging.FileHandler(path, mode="w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     thread = threading.get_ident()
@@ -196,6 +196,6 @@ def _attach_scan_log(path: Path) -> logging.Handler:
     return handler
 
 
-def _detach_scan_log(handler: logging.Handler) -> None:
+def detach_log(handler: logging.Handler) -> None:
     logging.getLogger("bml_pipeline").removeHandler(handler)
     handler.close()
