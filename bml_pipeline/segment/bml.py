@@ -46,7 +46,7 @@ def constrain_lesions(labels: Volume, schema: LabelSchema) -> Volume:
     if not np.any(bone_of):
         out[box][sub_lesion] = schema.background
         return labels.with_array(out)
-    comps, n_comp = ndimage.label(sub_lesion, structure=np.ones((3, 3, 3), bool))
+    comps, _ = ndimage.label(sub_lesion, structure=np.ones((3, 3, 3), bool))
     touching = np.unique(comps[ndimage.binary_dilation(bone_of > 0, np.ones((3, 3, 3), bool)) & sub_lesion])
     keep = np.isin(comps, touching[touching > 0])
     _, idx = ndimage.distance_transform_edt(bone_of == 0, sampling=labels.spacing, return_indices=True)
@@ -90,7 +90,7 @@ def refine_lesions(image: Volume, labels: Volume, schema: LabelSchema, config: B
         box = bounding_box(full, margin=1)
         if box is None:
             continue
-        radius = [max(int(round(config.erode_mm / s)), 0) for s in labels.spacing]
+        radius = [max(round(config.erode_mm / s), 0) for s in labels.spacing]
         struct = np.ones([2 * r + 1 for r in radius], bool)
         core = ndimage.binary_erosion(full[box], struct)
         normal = core & (arr[box] == bone.id)

@@ -8,6 +8,7 @@ medial-lateral flip TTA), probabilities back to the input grid and argmax, lesio
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -107,7 +108,7 @@ class Predictor:
         result = constrain_lesions(Volume(labels, image.affine.copy(), image.meta), load_schema(cfg.schema))
         t["lesions"] = time.perf_counter()
         keys = list(t)
-        self.timings = {k: round(t[k] - t[p], 3) for p, k in zip(keys, keys[1:])}
+        self.timings = {k: round(t[k] - t[p], 3) for p, k in itertools.pairwise(keys)}
         self.timings["total"] = round(t["lesions"] - t["start"], 3)
         log.info("segmented %s on %s in %.1f s (working grid %s)", image.meta.source, self.device,
                  self.timings["total"], shape)

@@ -58,7 +58,7 @@ def save_weights(path: str | Path, network: torch.nn.Module, config: ModelConfig
 
 def load_weights(path: str | Path) -> tuple[torch.nn.Module, ModelConfig, dict[str, str]]:
     """(network in eval mode on the CPU, its config, the file's metadata) from a weights file."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from bml_pipeline.segment.network import build_network
 
@@ -68,8 +68,8 @@ def load_weights(path: str | Path) -> tuple[torch.nn.Module, ModelConfig, dict[s
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             metadata = dict(fh.metadata() or {})
-            state = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:  # safetensors raises its own error types and OSError/ValueError for bad bytes
+            state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError, RuntimeError, EOFError) as exc:
         raise InputError(path, f"not a readable safetensors weights file ({exc.__class__.__name__}: "
                                f"{str(exc).splitlines()[0][:120] if str(exc) else 'no detail'})") from None
     if metadata.get("format") != FORMAT or "config" not in metadata:
