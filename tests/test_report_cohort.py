@@ -55,7 +55,8 @@ def test_cohort_report_without_pairs_or_stats(tmp_path):
 
 
 def test_thickness_columns_found_by_name():
-    columns = ["subject", "cartilage_tibial_cartilage_thickness_mean_mm", "femoral_cartilage_mean_thickness_mm",
+    columns = ["subject", "cartilage.femoral_cartilage.subregions.cLF.thickness_mean_mm",
+               "cartilage.femoral_cartilage.thickness_mm.mean", "tibial_cartilage_mean_thickness_mm",
                "cartilage_tibial_cartilage_thickness_mean_delta_mm"]
-    assert thickness_columns(columns) == {"femoral_cartilage": "femoral_cartilage_mean_thickness_mm",
-                                          "tibial_cartilage": "cartilage_tibial_cartilage_thickness_mean_mm"}
+    assert thickness_columns(columns) == {"femoral_cartilage": "cartilage.femoral_cartilage.thickness_mm.mean",
+                                          "tibial_cartilage": "tibial_cartilage_mean_thickness_mm"}

@@ -26,7 +26,7 @@ from bml_pipeline.report.tables import number, pretty
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "cohort_report.html"
-BML_TOTAL_COLUMNS = ("bml_total_volume_cm3", "bml_total_cm3", "bml_volume_cm3")
+BML_TOTAL_COLUMNS = ("bml.total_volume_cm3", "bml_total_volume_cm3", "bml_total_cm3", "bml_volume_cm3")
 PLATES = ("femoral_cartilage", "tibial_cartilage", "patellar_cartilage")
 WORSE = "#d55e00"   # vermillion: BML growth, cartilage loss
 BETTER = "#0072b2"  # blue: the opposite
@@ -88,8 +88,9 @@ def thickness_columns(columns: list[str]) -> dict[str, str]:
     """Plate -> the column holding its mean thickness (mm), for the plates the table has."""
     found = {}
     for plate in PLATES:
-        pattern = re.compile(rf"{plate}.*thickness.*mean.*mm|{plate}.*mean.*thickness.*mm")
-        match = next((c for c in columns if pattern.search(c) and "delta" not in c), None)
+        pattern = re.compile(rf"{plate}[._].*thickness.*mean|{plate}[._].*mean.*thickness")
+        match = next((c for c in columns if pattern.search(c) and not re.search("delta|subregion|baseline|followup", c)),
+                     None)
         if match:
             found[plate] = match
     return found

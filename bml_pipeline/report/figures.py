@@ -15,7 +15,7 @@ import numpy as np
 from bml_pipeline.labels import LabelSchema
 from bml_pipeline.report import render
 from bml_pipeline.report.rundir import RunData
-from bml_pipeline.report.tables import Lesion
+from bml_pipeline.report.tables import Lesion, number
 from bml_pipeline.report.views import (ViewGeometry, display_position, extract_projection, extract_slice,
                                        slice_index, view_geometry, window_box)
 from bml_pipeline.volume import Volume, bounding_box
@@ -85,10 +85,14 @@ class Scene:
         self.box = _grow(bounding_box(anatomy) or tuple(slice(0, n) for n in labels.shape), labels)
         self.window = _window(image.array[self.box]) if image is not None else None
         self._centroids: dict[str, np.ndarray | None] = {}
+        self._masks: dict[tuple[int, ...], np.ndarray] = {}
 
     def mask(self, ids: tuple[int, ...] | list[int]) -> np.ndarray:
-        """Boolean mask of the voxels whose label is one of ``ids`` (a lookup table: fast on big maps)."""
-        return label_mask(self.labels.array, ids)
+        """Boolean mask of the voxels whose label is one of ``ids`` (cached; do not modify it)."""
+        key = tuple(sorted(ids))
+        if key not in self._masks:
+            self._masks[key] = label_mask(self.labels.array, key)
+        return self._masks[key]
 
     @property
     def background(self) -> str:
@@ -200,7 +204,7 @@ def lesion_maps(scene: Scene, lesions: dict[str, list[Lesion]]) -> list[tuple[st
         for view in ("sagittal", "coronal"):
             g = view_geometry(labels.affine, labels.shape, view, box, max_pixels=320)
             silhouette = extract_projection(full, g)
-            lesion_mip = extract_projection(labels.array == lesion.id, g)
+            lesion_mip = extract_projection(scene.mask([lesion.id]), g)
             rgb = np.empty(silhouette.shape + (3,), np.uint8)
             rgb[:] = render.BACKGROUND
             rgb = render.fill(rgb, silhouette, (150, 150, 150), 0.6)
@@ -214,14 +218,22 @@ def lesion_maps(scene: Scene, lesions: dict[str, list[Lesion]]) -> list[tuple[st
 
 
 def thickness_vmax(runs: list[RunData]) -> float:
-    """Upper end (mm) of the common thickness colour scale: the largest 99th percentile over all plates
-    and visits, rounded up to 0.5 mm (at least 1 mm)."""
+    """Upper end (mm) of the common thickness colour scale: the largest 95th percentile of thickness
+    over all plates and visits (from ``measurements.json``, else from the maps), rounded up to 0.5 mm
+    and at least 1 mm. Thicker points show in the top colour."""
     tops = []
     for run in runs:
-        for volume in run.thickness.values():
-            values = volume.array[volume.array > 0]
-            if values.size:
-                tops.append(float(np.percentile(values, 99)))
+        cartilage = run.measurements.get("cartilage")
+        for plate, volume in run.thickness.items():
+            entry = cartilage.get(plate) if isinstance(cartilage, dict) else None
+            stats = entry.get("thickness_mm") if isinstance(entry, dict) else None
+            p95 = number(stats.get("p95")) if isinstance(stats, dict) else None
+            if p95 is None:
+                values = volume.array[::2, ::2, ::2]
+                values = values[values > 0]
+                p95 = float(np.percentile(values, 95)) if values.size else None
+            if p95 is not None:
+                tops.append(p95)
     return max(1.0, float(np.ceil(max(tops, default=1.0) * 2) / 2))
 
 
@@ -242,8 +254,9 @@ def thickness_map(run: RunData, plate: str, vmax: float) -> Panel | None:
     if run.labels is not None and run.labels.same_grid(volume):
         bone = run.schema.by_name(plate).bone
         if bone:
-            silhouette = extract_projection(label_mask(run.labels.array, run.schema.bone_ids(bone)), g)
-            rgb = render.fill(rgb, silhouette, (120, 120, 120), 0.5)
+            inside = np.zeros(volume.shape, dtype=bool)  # the bone within the view's box only
+            inside[box] = label_mask(run.labels.array[box], run.schema.bone_ids(bone))
+            rgb = render.fill(rgb, extract_projection(inside, g), (120, 120, 120), 0.5)
     covered = thick > 0
     rgb[covered] = render.colormap(thick[covered], vmax)
     direction = "S–I" if g.view == "axial" else "A–P"

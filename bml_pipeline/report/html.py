@@ -80,6 +80,7 @@ def write_scan_report(run_dir: str | Path, *, prior_dir: str | Path | None = Non
 
 def write_pdf(html: str, target: Path) -> Path:
     """Render ``html`` to PDF at ``target`` with weasyprint (atomically). No resource is fetched."""
+    logging.getLogger("weasyprint.progress").setLevel(logging.WARNING)  # else one line per step and page
     import weasyprint
 
     fetcher_class = getattr(weasyprint.urls, "URLFetcher", None)
@@ -112,6 +113,7 @@ def render_scan_report(run: RunData, prior: RunData | None = None, *, include_id
         "legend": legend(run),
         "change": change_rows(run.change, prior.measurements, m) if prior is not None else None,
         "change_source": "change.json" if run.change else "difference of the two visits' measurements",
+        "change_from_file": bool(run.change),
         "alignment": alignment_rows(run.change),
         "version": __version__,
     }

@@ -100,7 +100,7 @@ def _side_flags(m: dict[str, Any]) -> list[Flag]:
     if side not in ("left", "right"):
         return [Flag("warning", "Side unknown", "Neither the header nor the anatomy gave the knee's side; "
                      "medial and lateral cannot be named.")]
-    if isinstance(source, str) and source.lower() not in ("header", "dicom", "given", "user", "argument", "cli"):
+    if isinstance(source, str) and source.lower() not in ("input", "metadata", "header", "dicom"):
         conf = f" (confidence {confidence:.2f})" if confidence is not None else ""
         return [Flag("warning" if confidence is not None and confidence < 0.9 else "note", "Side inferred",
                      f"The {side} side was inferred from {source}{conf}, not read from the image header.")]

@@ -112,7 +112,8 @@ def load_run(run_dir: str | Path, *, with_image: bool = True) -> RunData:
 
 
 def _schema(provenance: dict[str, Any], measurements: dict[str, Any]) -> LabelSchema:
-    name = _dig(provenance, ("config", "schema")) or _dig(provenance, ("schema",)) or measurements.get("schema")
+    name = (_dig(provenance, ("config", "label_schema")) or _dig(provenance, ("config", "schema"))
+            or _dig(provenance, ("label_schema",)) or measurements.get("label_schema"))
     if isinstance(name, str):
         try:
             return load_schema(name)
