@@ -121,21 +121,6 @@ class _BoneField:
     surface: np.ndarray     # (M, 3) RAS mm points on the epiphysis surface, inside the view
 
 
-def align_bones(baseline: Volume, followup: Volume, schema: LabelSchema, *, bones: tuple[str, ...] | None = None,
-                config: AlignConfig | None = None) -> dict[str, BoneAlignment]:
-    """Align every bone present in both label maps (or the given ``bones``), in schema order."""
-    config = config or AlignConfig()
-    names = bones or tuple(s.name for s in schema.bones)
-    out = {}
-    for name in names:
-        ids = schema.bone_ids(name)
-        if not (np.isin(baseline.array, ids).any() and np.isin(followup.array, ids).any()):
-            log.info("%s missing at one visit; not aligned", name)
-            continue
-        out[name] = align_bone(baseline, followup, schema, name, config=config)
-    return out
-
-
 def align_bone(baseline: Volume, followup: Volume, schema: LabelSchema, bone: str, *,
                config: AlignConfig | None = None) -> BoneAlignment:
     """Rigidly align ``bone`` of the follow-up label map to the baseline's.

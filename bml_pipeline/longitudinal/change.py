@@ -1,0 +1,358 @@
+"""Change between two visits of one knee: BML volumes and lesions, cartilage thickness and volume.
+
+:func:`compare_visits` is the library entry point (batch and reports call it):
+
+1. Same knee? The sides (given, from metadata, or from anatomy) must agree, and every bone's epiphysis
+   surfaces must agree within ``AlignConfig.max_residual_mm`` after rigid alignment; otherwise
+   :class:`KneeMismatchError` unless ``force``.
+2. Alignment: per-bone rigid registration of the follow-up to the baseline (:mod:`.align`).
+3. BML: per bone and subregion, each visit's own measured volumes (a lesion's volume needs no alignment);
+   lesions are matched across visits through the bone's alignment (:mod:`.lesions`).
+4. Cartilage thickness over the *same* subchondral region at both visits: the baseline bone-cartilage
+   interface zone (dilated by ``interface_dilation_mm``), limited to what lies inside both fields of view,
+   is mapped through the bone's transform onto the follow-up grid and passed as ``region`` to
+   :func:`~bml_pipeline.measure.thickness.cartilage_thickness` at each visit, so a different field of
+   view or a partly segmented plate does not bias the change. Subregions are assigned with the
+   baseline's subregion model at both visits (follow-up points are mapped back to baseline space).
+
+All deltas are follow-up minus baseline; ``delta_percent`` is ``100 * delta / baseline`` and null (None)
+when the baseline is 0 or missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bml_pipeline.errors import InputError
+from bml_pipeline.labels import LabelSchema
+from bml_pipeline.longitudinal.align import AlignConfig, BoneAlignment, align_bone
+from bml_pipeline.longitudinal.lesions import LesionGroup, match_lesions, summarize_groups
+from bml_pipeline.longitudinal.transform import RigidTransform, pull_to_grid
+from bml_pipeline.volume import Volume, bounding_box
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1"
+
+
+class KneeMismatchError(InputError):
+    """The two scans are not of the same knee (side or bone shapes differ)."""
+
+
+@dataclass(frozen=True)
+class ChangeConfig:
+    """Parameters of the change computation (lengths in mm).
+
+    Attributes:
+        align: per-bone registration parameters (incl. the same-knee residual limit).
+        interface_dilation_mm: the baseline interface zone grows by this much before it is mapped, so
+            the registration's residual error cannot push follow-up interface points out of it.
+        view_margin_mm: interface points nearer than this to either field-of-view face are left out (the
+            thickness rays and normals need about 5 mm of context).
+        max_centroid_mm: lesions whose centroids are this close after alignment are the same lesion.
+        decimals: rounding of every reported number (byte-identical reruns).
+    """
+
+    align: AlignConfig = field(default_factory=AlignConfig)
+    interface_dilation_mm: float = 2.0
+    view_margin_mm: float = 6.0
+    max_centroid_mm: float = 5.0
+    decimals: int = 6
+
+
+@dataclass(frozen=True)
+class PlateChange:
+    """Cartilage of one plate at both visits, over the common interface region.
+
+    Thickness in mm (area-weighted mean over the common region), areas in mm2, volumes in cm3;
+    ``subregions`` maps a cartilage subregion to its (baseline, follow-up) mean thickness.
+    """
+
+    plate: str
+    thickness_baseline_mm: float | None
+    thickness_followup_mm: float | None
+    area_baseline_mm2: float
+    area_followup_mm2: float
+    volume_baseline_cm3: float | None
+    volume_followup_cm3: float | None
+    subregions: dict[str, tuple[float | None, float | None]]
+
+
+@dataclass(frozen=True, eq=False)
+class Change:
+    """Everything that changed between two visits. :meth:`to_dict` gives the ``change.json`` content."""
+
+    side: str | None
+    alignment: dict[str, BoneAlignment]
+    bml: dict[str, tuple[float | None, float | None]]
+    bml_subregions: dict[str, dict[str, tuple[float | None, float | None]]]
+    lesions: dict[str, tuple[LesionGroup, ...]]
+    cartilage: dict[str, PlateChange]
+    forced: bool
+    mismatch: str | None
+    config: ChangeConfig
+    sources: dict[str, str | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready ``change.json`` (see DESIGN.md: bml, cartilage, alignment, plus details)."""
+        d = self.config.decimals
+        bml: dict[str, Any] = {}
+        for bone, (b, f) in self.bml.items():
+            entry = _delta(b, f, "_cm3", d)
+            if bone in self.bml_subregions:
+                entry["subregions"] = {name: _delta(sb, sf, "_cm3", d)
+                                       for name, (sb, sf) in self.bml_subregions[bone].items()}
+            if bone in self.lesions:
+                entry["lesions"] = summarize_groups(self.lesions[bone], d)
+            bml[bone] = entry
+        cartilage: dict[str, Any] = {}
+        for plate, c in self.cartilage.items():
+            entry = _delta(c.thickness_baseline_mm, c.thickness_followup_mm, "_mm", d, prefix="thickness_mean_")
+            vol = _delta(c.volume_baseline_cm3, c.volume_followup_cm3, "_cm3", d, prefix="volume_")
+            entry.update({"volume_baseline_cm3": vol["volume_baseline_cm3"],
+                          "volume_followup_cm3": vol["volume_followup_cm3"],
+                          "volume_delta_cm3": vol["delta_cm3"], "volume_delta_percent": vol["delta_percent"],
+                          "area_baseline_mm2": round(c.area_baseline_mm2, 3),
+                          "area_followup_mm2": round(c.area_followup_mm2, 3),
+                          "subregions": {name: _delta(sb, sf, "_mm", d, prefix="thickness_mean_")
+                                         for name, (sb, sf) in c.subregions.items()}})
+            cartilage[plate] = entry
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "side": self.side,
+            "baseline": {"labels": self.sources.get("baseline")},
+            "followup": {"labels": self.sources.get("followup")},
+            "same_knee": {"forced": self.forced, "problem": self.mismatch},
+            "bml": bml,
+            "cartilage": cartilage,
+            "alignment": {bone: a.to_dict() for bone, a in self.alignment.items()},
+            "config": _config_dict(self.config),
+        }
+
+
+def compare_visits(baseline: Volume, followup: Volume, schema: LabelSchema, *,
+                   baseline_measurements: dict[str, Any] | None = None,
+                   followup_measurements: dict[str, Any] | None = None,
+                   side: str | None = None, measure_config=None, config: ChangeConfig | None = None,
+                   force: bool = False) -> Change:
+    """Change from ``baseline`` to ``followup`` label maps of one knee.
+
+    Args:
+        baseline, followup: label maps (any grids, axis orders and fields of view).
+        schema: their label schema.
+        baseline_measurements, followup_measurements: each visit's ``measurements.json`` content when
+            already measured (otherwise measured here with ``measure_config``).
+        side: ``"left"``/``"right"`` when known for both visits (else from the measurements/anatomy).
+        measure_config: :class:`~bml_pipeline.measure.config.MeasureConfig` for thickness and lesions.
+        config: change parameters.
+        force: compare even when the scans do not look like the same knee (the problem is recorded).
+
+    Raises:
+        KneeMismatchError: sides differ or bone shapes disagree after alignment (unless ``force``).
+        InputError: a bone needed for alignment is missing.
+    """
+    from bml_pipeline.measure.config import MeasureConfig
+
+    config = config or ChangeConfig()
+    measure_config = measure_config or MeasureConfig()
+    m_base = baseline_measurements or _measure(baseline, schema, side, measure_config)
+    m_foll = followup_measurements or _measure(followup, schema, side, measure_config)
+    side_b, side_f = side or m_base.get("side"), side or m_foll.get("side")
+    problems = []
+    if side_b and side_f and side_b != side_f:
+        problems.append(f"the baseline is a {side_b} knee and the follow-up a {side_f} knee")
+
+    if problems and not force:
+        _refuse(baseline, followup, problems)
+    alignment = {}
+    for bone in (s.name for s in schema.bones):
+        ids = schema.bone_ids(bone)
+        if not (np.isin(baseline.array, ids).any() and np.isin(followup.array, ids).any()):
+            log.info("%s is missing at one visit; not aligned", bone)
+            continue
+        a = align_bone(baseline, followup, schema, bone, config=config.align)
+        alignment[bone] = a
+        if a.residual_mm > config.align.max_residual_mm:
+            problems.append(f"{bone} surfaces differ by {a.residual_mm:.2f} mm on average after alignment "
+                            f"(same knee: below {config.align.max_residual_mm:g} mm)")
+        elif a.coverage < config.align.min_coverage:
+            problems.append(f"only {100 * a.coverage:.0f}% of the baseline {bone} epiphysis is in the follow-up's view")
+        if problems and not force:
+            _refuse(baseline, followup, problems)
+    if not alignment:
+        raise InputError(followup.meta.source, "no bone is present at both visits; nothing to align")
+    mismatch = "; ".join(problems) or None
+    if mismatch:
+        log.warning("comparing anyway (forced): %s", mismatch)
+
+    bml, bml_sub, lesions = {}, {}, {}
+    for bone in (s.name for s in schema.bones):
+        vb, vf = _get(m_base, "bml", bone, "volume_cm3"), _get(m_foll, "bml", bone, "volume_cm3")
+        if vb is None and vf is None:
+            continue
+        bml[bone] = (vb, vf)
+        sub_b = _get(m_base, "bml", bone, "subregions") or {}
+        sub_f = _get(m_foll, "bml", bone, "subregions") or {}
+        bml_sub[bone] = {name: (_get(sub_b, name, "volume_cm3"), _get(sub_f, name, "volume_cm3"))
+                         for name in sorted(set(sub_b) | set(sub_f))}
+        lesion = schema.lesion_of(bone)
+        if lesion is not None and bone in alignment:
+            lesions[bone] = match_lesions(baseline, followup, lesion.id, alignment[bone].transform,
+                                          min_volume_mm3=measure_config.min_lesion_volume_mm3,
+                                          connectivity=measure_config.lesion_connectivity,
+                                          max_centroid_mm=config.max_centroid_mm)
+    bml["total"] = (_get(m_base, "bml", "total_volume_cm3"), _get(m_foll, "bml", "total_volume_cm3"))
+
+    model = _subregion_model(baseline, schema, side_b)
+    cartilage = {}
+    for plate in schema.of_kind("cartilage"):
+        if plate.bone not in alignment:
+            continue
+        cartilage[plate.name] = _plate_change(
+            baseline, followup, schema, plate.name, alignment[plate.bone].transform, model, config, measure_config,
+            (_get(m_base, "structures", plate.name, "volume_cm3"), _get(m_foll, "structures", plate.name, "volume_cm3")))
+    return Change(side=side_b or side_f, alignment=alignment, bml=bml, bml_subregions=bml_sub, lesions=lesions,
+                  cartilage=cartilage, forced=bool(mismatch), mismatch=mismatch, config=config,
+                  sources={"baseline": baseline.meta.source, "followup": followup.meta.source})
+
+
+def change_row(change: dict[str, Any], **ids: Any) -> dict[str, Any]:
+    """One flat row of a ``change.json`` dict (for ``change.csv`` / the batch's ``changes.csv``).
+
+    ``ids`` (e.g. subject, baseline_visit, followup_visit) come first; then ``side``, and per bone / plate
+    ``bml_<bone>_{baseline,followup,delta}_cm3``, ``bml_<bone>_delta_percent``, lesion counts,
+    ``cartilage_<plate>_thickness_mean_{baseline,followup}_mm``, ``..._delta_mm``, ``..._delta_percent``,
+    ``..._volume_delta_cm3``, and ``alignment_<bone>_{rotation_deg,translation_mm,residual}``.
+    """
+    row: dict[str, Any] = dict(ids)
+    row["side"] = change.get("side")
+    for bone, e in change.get("bml", {}).items():
+        for key in ("baseline_cm3", "followup_cm3", "delta_cm3", "delta_percent"):
+            row[f"bml_{bone}_{key}"] = e.get(key)
+        for status in ("persisting", "new", "resolved"):
+            if "lesions" in e:
+                row[f"bml_{bone}_lesions_{status}"] = e["lesions"][status]["count"]
+    for plate, e in change.get("cartilage", {}).items():
+        for key in ("thickness_mean_baseline_mm", "thickness_mean_followup_mm", "delta_mm", "delta_percent",
+                    "volume_delta_cm3"):
+            row[f"cartilage_{plate}_{key}"] = e.get(key)
+    for bone, e in change.get("alignment", {}).items():
+        for key in ("rotation_deg", "translation_mm", "residual"):
+            row[f"alignment_{bone}_{key}"] = e.get(key)
+    return row
+
+
+# ---- cartilage over the common region ----------------------------------------------------------
+
+def _plate_change(baseline: Volume, followup: Volume, schema: LabelSchema, plate: str, transform: RigidTransform,
+                  model, config: ChangeConfig, measure_config, volumes) -> PlateChange:
+    from bml_pipeline.measure.thickness import cartilage_thickness
+
+    region_b = common_interface_region(baseline, followup, schema, plate, transform, config)
+    region_f = pull_to_grid(baseline.with_array(region_b.astype(np.uint8)), transform, followup) > 0
+    res_b = cartilage_thickness(baseline, schema, plate, config=measure_config, region=region_b)
+    res_f = cartilage_thickness(followup, schema, plate, config=measure_config, region=region_f)
+    mean_b = res_b.mean_in(np.ones(len(res_b.thickness_mm), bool))
+    mean_f = res_f.mean_in(np.ones(len(res_f.thickness_mm), bool))
+    subregions: dict[str, tuple[float | None, float | None]] = {}
+    bone = schema.by_name(plate).bone
+    if model is not None and bone is not None:
+        from bml_pipeline.measure.subregions import BONE_REGIONS, CARTILAGE_REGIONS
+
+        names = BONE_REGIONS[bone]
+        idx_b = model.classify(bone, res_b.points_mm, clip_height=False)
+        idx_f = model.classify(bone, transform.inverse().apply(res_f.points_mm), clip_height=False)
+        for name, parts in CARTILAGE_REGIONS[bone].items():
+            ids = [names.index(p) for p in parts]
+            subregions[name] = (res_b.mean_in(np.isin(idx_b, ids)), res_f.mean_in(np.isin(idx_f, ids)))
+    return PlateChange(plate, mean_b, mean_f, float(res_b.areas_mm2.sum()), float(res_f.areas_mm2.sum()),
+                       volumes[0], volumes[1], subregions)
+
+
+def common_interface_region(baseline: Volume, followup: Volume, schema: LabelSchema, plate: str,
+                            transform: RigidTransform, config: ChangeConfig) -> np.ndarray:
+    """Boolean mask on the baseline grid: the zone within ``interface_dilation_mm`` of the plate's
+    bone-cartilage interface, limited to voxels inside both fields of view (``view_margin_mm`` from the
+    faces) once mapped through ``transform`` (baseline world -> follow-up world)."""
+    from scipy import ndimage
+
+    structure = schema.by_name(plate)
+    out = np.zeros(baseline.shape, dtype=bool)
+    cart_full = baseline.array == structure.id
+    box = bounding_box(cart_full, margin=int(np.ceil(config.interface_dilation_mm / min(baseline.spacing))) + 2)
+    if box is None or structure.bone is None:
+        return out
+    sub = baseline.array[box]
+    bone, cart = np.isin(sub, schema.bone_ids(structure.bone)), cart_full[box]
+    six = ndimage.generate_binary_structure(3, 1)
+    touching = (bone & ndimage.binary_dilation(cart, six)) | (cart & ndimage.binary_dilation(bone, six))
+    if not touching.any():
+        return out
+    zone = ndimage.distance_transform_edt(~touching, sampling=baseline.spacing) <= config.interface_dilation_mm
+    ijk = np.argwhere(zone) + [s.start for s in box]
+    world = baseline.world_coords(ijk)
+    keep = in_view(baseline, world, config.view_margin_mm) & in_view(followup, transform.apply(world),
+                                                                     config.view_margin_mm)
+    out[tuple(ijk[keep].T)] = True
+    return out
+
+
+def in_view(volume: Volume, points: np.ndarray, margin_mm: float) -> np.ndarray:
+    """Which world points (N, 3) lie inside ``volume``'s field of view, at least ``margin_mm`` from its faces."""
+    ijk = volume.voxel_coords(points)
+    margin = margin_mm / np.asarray(volume.spacing)
+    upper = np.asarray(volume.shape) - 1 - margin
+    return np.all((ijk >= margin) & (ijk <= upper), axis=1)
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+def _measure(labels: Volume, schema: LabelSchema, side: str | None, measure_config) -> dict[str, Any]:
+    from bml_pipeline.measure import measure_labels
+
+    return measure_labels(labels, schema, side=side, config=measure_config).to_dict()
+
+
+def _subregion_model(labels: Volume, schema: LabelSchema, side: str | None):
+    """The baseline's subregion model (None when the side or the anatomical axes are unknown)."""
+    from bml_pipeline.measure.frame import bone_point_sets, knee_axes
+    from bml_pipeline.measure.subregions import build_subregions
+
+    if side is None:
+        return None
+    points = bone_point_sets(labels, schema)
+    axes = knee_axes(labels, schema, points)
+    return build_subregions(axes, side, points) if axes is not None else None
+
+
+def _refuse(baseline: Volume, followup: Volume, problems: list[str]) -> None:
+    raise KneeMismatchError(followup.meta.source, f"not the same knee as {baseline.meta.source}: "
+                            f"{'; '.join(problems)} (use --force to compare anyway)")
+
+
+def _get(tree: dict[str, Any] | None, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _delta(baseline: float | None, followup: float | None, unit: str, decimals: int,
+           prefix: str = "") -> dict[str, float | None]:
+    """{prefix}baseline{unit}, {prefix}followup{unit}, delta{unit}, delta_percent (None when undefined)."""
+    delta = None if baseline is None or followup is None else followup - baseline
+    percent = None if delta is None or not baseline else 100.0 * delta / baseline
+    r = lambda v: None if v is None else round(float(v), decimals)  # noqa: E731
+    return {f"{prefix}baseline{unit}": r(baseline), f"{prefix}followup{unit}": r(followup),
+            f"delta{unit}": r(delta), "delta_percent": r(percent)}
+
+
+def _config_dict(config: ChangeConfig) -> dict[str, Any]:
+    out = asdict(config)
+    out["align"] = {k: list(v) if isinstance(v, tuple) else v for k, v in out["align"].items()}
+    return out
