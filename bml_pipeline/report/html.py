@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from bml_pipeline import __version__
 from bml_pipeline.io import atomic_path, write_text_atomic
 from bml_pipeline.report import figures, render
 from bml_pipeline.report.quality import quality_flags
-from bml_pipeline.report.rundir import RunData, load_run
+from bml_pipeline.report.rundir import RunData, load_run, read_json
 from bml_pipeline.report.tables import (PLATES, alignment_rows, bml_rows, cartilage_rows, change_rows,
                                         lesions_from_labels, lesions_from_measurements, mapping, pretty,
                                         structure_rows)
@@ -49,7 +50,7 @@ def format_number(value: Any, digits: int = 2, signed: bool = False) -> str:
 
 
 def write_scan_report(run_dir: str | Path, *, prior_dir: str | Path | None = None, pdf: bool = False,
-                      include_identifiers: bool = False) -> Path:
+                      include_identifiers: bool = False, change_path: str | Path | None = None) -> Path:
     """Write ``run_dir/report.html`` (and ``report.pdf`` when ``pdf``) for one scan.
 
     Args:
@@ -59,6 +60,9 @@ def write_scan_report(run_dir: str | Path, *, prior_dir: str | Path | None = Non
             matched positions, and a change table is added.
         pdf: also write ``report.pdf`` (weasyprint).
         include_identifiers: show the full input paths and patient fields found in provenance.
+        change_path: ``change.json`` of ``bml-pipeline longitudinal`` comparing the prior visit with this
+            one (default: ``run_dir/change.json`` when present); its aligned changes fill the change
+            table and its per-bone alignment matches the prior slices.
 
     Returns:
         Path of ``report.html``.
@@ -68,6 +72,8 @@ def write_scan_report(run_dir: str | Path, *, prior_dir: str | Path | None = Non
     """
     started = time.perf_counter()
     run = load_run(run_dir)
+    if change_path is not None:
+        run = replace(run, change=read_json(Path(change_path), required=True))
     prior = load_run(prior_dir) if prior_dir is not None else None
     html = render_scan_report(run, prior, include_identifiers=include_identifiers)
     target = run.run_dir / REPORT_NAME
