@@ -14,10 +14,15 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from bml_pipeline.errors import InputError
 from bml_pipeline.volume import Volume
+
+if TYPE_CHECKING:
+    from bml_pipeline.measure import MeasureConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,49 +74,48 @@ def process_scan(
     model: str | None = None,
     device: str = "auto",
     schema: str = "oai_zib",
-    config: Any = None,
+    config: MeasureConfig | None = None,
     report: bool = True,
-    provenance: dict[str, Any] | None = None,
+    extra_provenance: dict[str, Any] | None = None,
 ) -> ScanResult:
     """Measure one scan and write its run directory.
+
+    Writes ``labels.nii.gz`` (when segmented), ``measurements.json``/``.csv``, ``provenance.json``,
+    ``thickness_<plate>.nii.gz`` and ``report.html`` (unless ``report`` is False).
 
     Args:
         run_dir: output folder (created).
         image: MR image (file or DICOM directory); optional when ``labels`` is given.
         labels: label map on the image's grid; when absent the image is segmented with ``model``.
-        side: ``"left"``/``"right"``; overrides the side stored in the image, None keeps it.
+        side: ``"left"``/``"right"`` when known; None: from the image metadata, else from anatomy.
         model: segmentation model name or weights path, used only when ``labels`` is None (None: the
             shipped default, :data:`DEFAULT_MODEL`).
         device: torch device for segmentation (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         schema: label schema name or YAML path.
-        config: measurement configuration passed to ``measure_labels`` (None: defaults).
+        config: measurement configuration (None: the packaged defaults).
         report: write ``report.html``.
-        provenance: extra provenance entries (e.g. input checksums) stored with the measurements.
+        extra_provenance: further entries for ``provenance.json`` (e.g. batch subject and visit).
 
     Raises:
-        InputError: missing or corrupt inputs, labels off the image grid, no labels and no model.
+        InputError: missing or corrupt inputs, labels off the image grid, no labels and no model,
+            label maps the measurement rejects (no bone, lesion outside its bone ...).
     """
     from bml_pipeline.io import read_labels, read_volume, write_nifti
     from bml_pipeline.labels import load_schema
-    from bml_pipeline.measure import measure_labels, write_measurements
+    from bml_pipeline.measure import load_measure_config, measure_labels, write_measurements
+    from bml_pipeline.provenance import provenance_record
 
     run_dir = Path(run_dir)
     if image is None and labels is None:
         raise InputError(run_dir, "neither an image nor a label map was given")
     label_schema = load_schema(schema)
+    config = config or load_measure_config()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    volume: Volume | None = read_volume(image, laterality=side) if image is not None else None
-    label_map: Volume | None = None
-    if labels is not None:
-        label_map = read_labels(labels, label_schema)
-        if volume is not None:
-            volume.require_same_grid(label_map, "image and label map")
+    volume: Volume | None = read_volume(image) if image is not None else None
+    label_map = read_labels(labels, label_schema) if labels is not None else None
     timings["read"] = time.perf_counter() - t0
-    if side is None and volume is not None:
-        side = volume.meta.laterality
 
-    segmented = label_map is None
     model_record: dict[str, Any] | None = None
     if label_map is None:
         assert volume is not None
@@ -120,15 +124,16 @@ def process_scan(
         label_map = predictor.segment(volume)
         timings["segment"] = time.perf_counter() - t0
         model_record = predictor.provenance
-        write_nifti(label_map, run_dir / "labels.nii.gz", dtype="uint16")
+        write_nifti(label_map, run_dir / "labels.nii.gz", dtype=np.uint16)
         log.info("segmented %s with %s in %.1f s", image, model_record.get("model_id"), timings["segment"])
 
-    t0 = time.perf_counter()
     measurements = measure_labels(label_map, label_schema, side=side, image=volume, config=config)
-    timings["measure"] = time.perf_counter() - t0
-    record = dict(provenance or {})
-    record.update({"model": model_record, "timings_s": _rounded(timings)})
-    write_measurements(run_dir, measurements, record)
+    timings.update(measurements.timings_s)
+    extra = {"side": measurements.side.to_dict(), "model": model_record, **(extra_provenance or {})}
+    provenance = provenance_record(
+        step="pipeline", inputs={"image": image, "labels": labels},
+        config={"measure": config.to_dict(), "label_schema": label_schema.name}, timings_s=timings, extra=extra)
+    write_measurements(run_dir, measurements, provenance)
 
     if report:
         from bml_pipeline.report import write_scan_report
@@ -136,9 +141,6 @@ def process_scan(
         t0 = time.perf_counter()
         write_scan_report(run_dir)
         timings["report"] = time.perf_counter() - t0
-    log.info("measured %s in %s", run_dir, ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
-    return ScanResult(run_dir, measurements.flat_row(), segmented, _rounded(timings))
-
-
-def _rounded(timings: dict[str, float]) -> dict[str, float]:
-    return {k: round(v, 3) for k, v in timings.items()}
+    log.info("measured %s: %s", run_dir, ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+    return ScanResult(run_dir, measurements.flat_row(), model_record is not None,
+                      {k: round(v, 3) for k, v in timings.items()})

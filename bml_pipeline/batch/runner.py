@@ -57,6 +57,7 @@ def run_batch(
     scan_fn: ScanFunction | None = None,
     pair_fn: PairFunction | None = None,
     on_outcome: Callable[[ScanOutcome], None] | None = None,
+    on_stage: Callable[[str, int], None] | None = None,
 ) -> BatchSummary:
     """Process ``scans`` into ``out``, compare visits, and write the cohort outputs.
 
@@ -74,6 +75,7 @@ def run_batch(
         scan_fn, pair_fn: the per-scan and per-pair jobs (default: the full pipeline); picklable
             module-level functions.
         on_outcome: called in this process as each scan or pair finishes (progress display).
+        on_stage: called with ``("scans", n)`` and ``("visit pairs", n)`` as each stage starts.
     """
     out = Path(out)
     settings = settings or BatchSettings()
@@ -84,6 +86,8 @@ def run_batch(
     scan_rows, finished, change_rows = [], [], []
     with executor:  # workers stay up from the scans to the pairs
         tasks = [ScanTask(spec, spec.run_dir(out), settings, resume, scan_fn) for spec in scans]
+        if on_stage is not None:
+            on_stage("scans", len(tasks))
         for task, outcome in executor.run(tasks):
             if _record(summary, outcome, "scan", on_outcome):
                 scan_rows.append(outcome.row or {})
@@ -93,6 +97,8 @@ def run_batch(
         cohort = write_cohort_tables(out, scan_rows)
 
         pairs = [PairTask(a, b, out, settings, resume, pair_fn) for a, b in visit_pairs(finished)]
+        if on_stage is not None and pairs:
+            on_stage("visit pairs", len(pairs))
         for _task, outcome in executor.run(pairs):
             if _record(summary, outcome, "change", on_outcome):
                 change_rows.append(outcome.row or {})

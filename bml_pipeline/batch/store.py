@@ -21,20 +21,6 @@ log = logging.getLogger(__name__)
 
 MARKER_NAME = "done.json"
 MARKER_VERSION = 1
-_CHUNK = 1 << 20
-
-
-def file_checksum(path: Path) -> str:
-    """SHA-256 (hex) of a file, or of a DICOM directory (every file's relative name and contents)."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with file.open("rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def settings_digest(settings: dict[str, Any]) -> str:
@@ -67,7 +53,8 @@ def finished_row(run_dir: Path, checksums: dict[str, str], digest: str) -> dict[
 def write_marker(run_dir: Path, checksums: dict[str, str], digest: str, row: dict[str, Any]) -> None:
     """Mark ``run_dir`` finished; call after every other output is in place."""
     marker = {"version": MARKER_VERSION, "inputs": checksums, "settings": digest, "row": row}
-    write_text_atomic(run_dir / MARKER_NAME, json.dumps(marker, indent=1, sort_keys=True) + "\n")
+    # Key order kept: the row's column order must survive a resume.
+    write_text_atomic(run_dir / MARKER_NAME, json.dumps(marker, indent=1) + "\n")
 
 
 def clear_marker(run_dir: Path) -> None:

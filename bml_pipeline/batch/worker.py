@@ -19,12 +19,14 @@ from typing import Any, Protocol
 from bml_pipeline.batch import store
 from bml_pipeline.batch.manifest import ScanSpec
 from bml_pipeline.errors import InputError
+from bml_pipeline.provenance import sha256_path
 
 log = logging.getLogger(__name__)
 
 LOG_NAME = "scan.log"
 SCAN_OUTPUTS = ("labels.nii.gz", "measurements.json", "measurements.csv", "provenance.json", "report.html")
-"""Files a scan writes besides its log and marker; removed when the scan fails."""
+"""Files a scan writes besides its log, marker and ``thickness_<plate>.nii.gz`` maps; removed when the
+scan fails."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class BatchSettings:
 
     Attributes:
         schema: label schema name or YAML path.
+        config_file: YAML config whose ``measure`` section is used (None: packaged defaults).
         model: segmentation model for rows without labels and without their own ``model`` (None: the
             pipeline's default model).
         device: torch device for segmentation.
@@ -40,6 +43,7 @@ class BatchSettings:
     """
 
     schema: str = "oai_zib"
+    config_file: str | None = None
     model: str | None = None
     device: str = "auto"
     report: bool = True
@@ -111,20 +115,24 @@ class ScanTask:
 def pipeline_scan(spec: ScanSpec, run_dir: Path, settings: BatchSettings,
                   provenance: dict[str, Any]) -> dict[str, Any]:
     """The real per-scan job: :func:`bml_pipeline.pipeline.process_scan` for a manifest row."""
+    from bml_pipeline.measure import load_measure_config
     from bml_pipeline.pipeline import process_scan
 
     result = process_scan(run_dir, image=spec.image, labels=spec.labels, side=spec.side,
                           model=spec.model or settings.model, device=settings.device, schema=settings.schema,
-                          report=settings.report, provenance=provenance)
+                          config=load_measure_config(settings.config_file), report=settings.report,
+                          extra_provenance=provenance)
     return result.row
 
 
 def settings_for(spec: ScanSpec, settings: BatchSettings) -> dict[str, Any]:
     """The settings that determine a scan's results (its resume digest covers exactly these)."""
     from bml_pipeline import __version__
+    from bml_pipeline.measure import load_measure_config
 
     return {"version": __version__, "schema": settings.schema, "model": model_for(spec, settings),
-            "side": spec.side, "report": settings.report}
+            "measure": load_measure_config(settings.config_file).to_dict(), "side": spec.side,
+            "report": settings.report}
 
 
 def model_for(spec: ScanSpec, settings: BatchSettings) -> str | None:
@@ -139,12 +147,14 @@ def run_task(task: ScanTask) -> ScanOutcome:
     spec, run_dir = task.spec, task.run_dir
     start = time.perf_counter()
     try:
-        checksums = {role: store.file_checksum(p) for role, p in (("image", spec.image), ("labels", spec.labels))
+        checksums = {role: sha256_path(p) for role, p in (("image", spec.image), ("labels", spec.labels))
                      if p is not None}
+        digest = store.settings_digest(settings_for(spec, task.settings))
     except OSError as exc:
         return _failed(spec, f"{exc.filename or spec.image or spec.labels}: cannot read input ({exc.strerror})",
                        start)
-    digest = store.settings_digest(settings_for(spec, task.settings))
+    except InputError as exc:
+        return _failed(spec, error_line(exc), start)
     if task.resume:
         row = store.finished_row(run_dir, checksums, digest)
         if row is not None:
@@ -156,8 +166,7 @@ def run_task(task: ScanTask) -> ScanOutcome:
     try:
         log.info("scan %s %s: image=%s labels=%s side=%s", spec.subject, spec.visit, spec.image, spec.labels,
                  spec.side)
-        provenance = {"subject": spec.subject, "visit": spec.visit, "input_sha256": checksums,
-                      "batch_settings": asdict(task.settings)}
+        provenance = {"batch": {"subject": spec.subject, "visit": spec.visit, **asdict(task.settings)}}
         scan_fn = task.scan_fn or pipeline_scan
         row = {"subject": spec.subject, "visit": spec.visit, **scan_fn(spec, run_dir, task.settings, provenance)}
         store.write_marker(run_dir, checksums, digest, row)
@@ -167,6 +176,8 @@ def run_task(task: ScanTask) -> ScanOutcome:
         log.error("scan %s %s failed: %s\n%s", spec.subject, spec.visit, exc, traceback.format_exc())
         for name in SCAN_OUTPUTS:
             (run_dir / name).unlink(missing_ok=True)
+        for path in run_dir.glob("thickness_*.nii.gz"):
+            path.unlink()
         return _failed(spec, error_line(exc), start)
     finally:
         detach_log(handler)

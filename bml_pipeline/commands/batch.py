@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bml_pipeline.commands import Command
 
@@ -38,6 +38,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-resource", action="store_true",
                         help="Dask: run segmentation scans only on workers started with --resources GPU=1")
     parser.add_argument("--schema", default="oai_zib", help="label schema name or YAML file")
+    parser.add_argument("--config", metavar="YAML", help="config file whose 'measure' section is used")
     parser.add_argument("--no-report", action="store_true", help="skip per-scan HTML reports")
     parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
 
@@ -60,29 +61,33 @@ def _run(args: argparse.Namespace) -> int:
     else:
         executor = LocalExecutor(args.workers, args.threads_per_worker)
         where = f"{args.workers} local worker(s)"
-    settings = BatchSettings(schema=args.schema, model=args.model, device=args.device, report=not args.no_report)
+    settings = BatchSettings(schema=args.schema, config_file=args.config, model=args.model, device=args.device,
+                             report=not args.no_report)
     print(f"batch: {len(scans)} scans from {args.manifest} -> {out} on {where}"
           + (" (resuming)" if args.resume else ""), file=sys.stderr)
 
-    progress = _Progress(len(scans), fancy=not args.no_progress and sys.stderr.isatty())
-    with progress:
-        summary = run_batch(scans, out, executor, settings, resume=args.resume, on_outcome=progress.update)
-    print(f"batch: {summary.done} done, {summary.skipped} already finished, {summary.failed} failed "
-          f"in {summary.seconds:.1f} s; tables in {out}", file=sys.stderr)
-    for subject, visit, reason in summary.failures[:10]:
-        print(f"  failed {subject} {visit}: {reason}", file=sys.stderr)
+    with _Progress(fancy=not args.no_progress and sys.stderr.isatty()) as progress:
+        summary = run_batch(scans, out, executor, settings, resume=args.resume, on_outcome=progress.update,
+                            on_stage=progress.stage_started)
+    print(f"batch: scans {summary.done} done, {summary.skipped} already finished; visit pairs "
+          f"{summary.pairs_done} done, {summary.pairs_skipped} already finished; {summary.failed} failed; "
+          f"{summary.seconds:.1f} s; tables in {out}", file=sys.stderr)
+    for subject, visit, stage, reason in summary.failures[:10]:
+        print(f"  failed {stage} {subject} {visit}: {reason}", file=sys.stderr)
     if summary.failed > 10:
         print(f"  ... {summary.failed - 10} more in {out / 'errors.csv'}", file=sys.stderr)
     return summary.exit_code
 
 
 class _Progress:
-    """A rich progress bar with ETA on a terminal; one log line per scan otherwise."""
+    """Per stage (scans, visit pairs): a rich progress bar with ETA on a terminal, else one log line per job."""
 
-    def __init__(self, total: int, fancy: bool) -> None:
-        self.total, self.count, self.failed, self.fancy = total, 0, 0, fancy
+    def __init__(self, fancy: bool) -> None:
+        self.fancy = fancy
+        self.stage, self.total, self.count, self.failed = "", 0, 0, 0
         self.start = time.perf_counter()
-        self._bar = None
+        self._bar: Any = None
+        self._task: Any = None
 
     def __enter__(self) -> _Progress:  # noqa: PYI034
         if self.fancy:
@@ -95,16 +100,23 @@ class _Progress:
                 TimeRemainingColumn,
             )
 
-            self._bar = Progress(TextColumn("[bold]scans"), BarColumn(), MofNCompleteColumn(),
+            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(),
-                                 TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+                                 TextColumn("ETA"), TimeRemainingColumn())
             self._bar.start()
-            self._task = self._bar.add_task("scans", total=self.total, failed=0)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+    def stage_started(self, stage: str, total: int) -> None:
+        self.stage, self.total, self.count, self.failed = stage, total, 0, 0
+        self.start = time.perf_counter()
+        if self._bar is not None:
+            self._task = self._bar.add_task(stage, total=total, failed=0)
+        else:
+            log.info("%s: %d to process", stage, total)
 
     def update(self, outcome: ScanOutcome) -> None:
         self.count += 1
@@ -115,8 +127,8 @@ class _Progress:
         elapsed = time.perf_counter() - self.start
         eta = elapsed / self.count * (self.total - self.count)
         detail = f": {outcome.error}" if outcome.error else ""
-        log.info("[%d/%d] %s %s %s in %.1f s (ETA %.0f s)%s", self.count, self.total, outcome.subject,
-                 outcome.visit, outcome.status, outcome.seconds, eta, detail)
+        log.info("[%s %d/%d] %s %s %s in %.1f s (ETA %.0f s)%s", self.stage, self.count, self.total,
+                 outcome.subject, outcome.visit, outcome.status, outcome.seconds, eta, detail)
 
 
 COMMAND = Command("batch", "process every scan of a manifest (local workers or Dask); cohort tables",
