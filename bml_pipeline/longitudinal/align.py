@@ -40,6 +40,8 @@ class AlignConfig:
         region_mm: the epiphysis is the bone within this distance of its cartilage plate.
         band_mm: signed distance maps are truncated at +-band_mm; points nearer than this to a scan's
             field-of-view face are ignored.
+        pool_mm: label maps are pooled (majority vote) to voxels of at most about this size before the
+            distance maps are computed (0.365 mm in-plane becomes 0.73 mm).
         grid_mm: spacing of the isotropic grid the distance maps are registered on.
         shrink_factors: multi-resolution pyramid, coarse to fine (in units of ``grid_mm``).
         smoothing_mm: Gaussian sigma per pyramid level (mm).
@@ -53,11 +55,12 @@ class AlignConfig:
 
     region_mm: float = 30.0
     band_mm: float = 6.0
+    pool_mm: float = 0.75
     grid_mm: float = 1.0
     shrink_factors: tuple[int, ...] = (4, 2, 1)
     smoothing_mm: tuple[float, ...] = (2.0, 1.0, 0.0)
     iterations: int = 200
-    sampling: float = 0.5
+    sampling: float = 0.25
     seed: int = 20240601
     max_residual_mm: float = 1.0
     min_coverage: float = 0.5
@@ -149,20 +152,14 @@ def align_bone(baseline: Volume, followup: Volume, schema: LabelSchema, bone: st
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(config.sampling, config.seed)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4,
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3,
                                                     numberOfIterations=config.iterations,
                                                     relaxationFactor=0.6, gradientMagnitudeTolerance=1e-8)
     method.SetOptimizerScalesFromPhysicalShift()
 
     centre = fixed.region_points.mean(axis=0)
     candidates = _initial_poses(fixed.region_points, moving.region_points)
-    scores = []
-    for pose in candidates:
-        method.SetInitialTransform(_to_itk(pose, centre), inPlace=False)
-        method.SetShrinkFactorsPerLevel([config.shrink_factors[0]])
-        method.SetSmoothingSigmasPerLevel([config.smoothing_mm[0]])
-        method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-        scores.append(method.MetricEvaluate(f_img, m_img))
+    scores = [_pose_score(fixed, moving, pose) for pose in candidates]
     best = candidates[int(np.argmin(scores))]
     log.debug("%s: initial pose scores %s", bone, np.round(scores, 3).tolist())
 
@@ -171,6 +168,8 @@ def align_bone(baseline: Volume, followup: Volume, schema: LabelSchema, bone: st
     method.SetShrinkFactorsPerLevel(list(config.shrink_factors))
     method.SetSmoothingSigmasPerLevel(list(config.smoothing_mm))
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    method.AddCommand(sitk.sitkMultiResolutionIterationEvent,
+                      lambda: log.debug("%s: level done after %d iterations", bone, method.GetOptimizerIteration()))
     method.Execute(f_img, m_img)
     result = _from_itk(transform)
     log.debug("%s: %s after %d iterations (%s)", bone, method.GetMetricValue(),
@@ -187,10 +186,17 @@ def align_bone(baseline: Volume, followup: Volume, schema: LabelSchema, bone: st
 
 # ---- per-scan preparation ---------------------------------------------------------------------
 
+def label_mask(array: np.ndarray, ids: tuple[int, ...]) -> np.ndarray:
+    """Boolean mask of the voxels whose label is one of ``ids`` (a lookup table: faster than np.isin)."""
+    lut = np.zeros(max(int(array.max()), *ids) + 1, dtype=bool)
+    lut[list(ids)] = True
+    return lut[array]
+
+
 def _bone_field(labels: Volume, schema: LabelSchema, bone: str, config: AlignConfig) -> _BoneField:
     from scipy import ndimage
 
-    bone_mask = np.isin(labels.array, schema.bone_ids(bone))
+    bone_mask = label_mask(labels.array, schema.bone_ids(bone))
     if not bone_mask.any():
         raise InputError(labels.meta.source, f"no {bone} voxels in the label map; cannot align it")
     plate = schema.cartilage_of(bone)
@@ -204,8 +210,15 @@ def _bone_field(labels: Volume, schema: LabelSchema, bone: str, config: AlignCon
     else:
         log.warning("%s: no %s cartilage; the whole bone drives its alignment", labels.meta.source, bone)
         box = _grow(bounding_box(bone_mask), band_vox, labels.shape)
-    crop = labels.crop(box)
-    bone_c, cart_c = bone_mask[box], cart_mask[box]
+    interior = np.zeros(labels.shape, dtype=bool)
+    interior[tuple(slice(int(m), max(int(n - m), int(m))) for m, n in zip(band_vox, labels.shape))] = True
+    # Work on a grid pooled to about pool_mm (distance maps are the cost; the registration grid is coarser).
+    factors = np.maximum(1, np.floor(config.pool_mm / spacing)).astype(int)
+    affine = _pooled_affine(labels.crop(box).affine, factors)
+    bone_c = _pool(bone_mask[box], factors, "majority")
+    cart_c = _pool(cart_mask[box], factors, "any")
+    interior = _pool(interior[box], factors, "all")
+    spacing = spacing * factors
 
     inside = ndimage.distance_transform_edt(bone_c, sampling=spacing)
     outside = ndimage.distance_transform_edt(~bone_c, sampling=spacing)
@@ -218,15 +231,13 @@ def _bone_field(labels: Volume, schema: LabelSchema, bone: str, config: AlignCon
     else:
         region, near_region = bone_c, np.ones_like(bone_c)
 
-    interior = np.zeros(labels.shape, dtype=bool)
-    interior[tuple(slice(int(m), max(int(n - m), int(m))) for m, n in zip(band_vox, labels.shape))] = True
-    interior = interior[box]
     if not (region & interior).any():
         raise InputError(labels.meta.source, f"the {bone} near its cartilage lies at the edge of the field of view")
     fixed_mask = (np.abs(sdf) < config.band_mm) & near_region & interior
-    region_points = crop.world_coords(np.argwhere(region & interior)[:: max(1, int(region.sum()) // 50000)])
-    surface = _surface_points(crop, bone_c, region & interior)
-    return _BoneField(crop.with_array(sdf), fixed_mask, interior, region_points, surface)
+    sdf_volume = Volume(sdf, affine, labels.meta)
+    region_points = sdf_volume.world_coords(np.argwhere(region & interior)[:: max(1, int(region.sum()) // 50000)])
+    surface = _surface_points(sdf_volume, bone_c, region & interior)
+    return _BoneField(sdf_volume, fixed_mask, interior, region_points, surface)
 
 
 def _coarse_distance(mask: np.ndarray, spacing: np.ndarray, target_mm: float = 1.5) -> np.ndarray:
@@ -234,17 +245,35 @@ def _coarse_distance(mask: np.ndarray, spacing: np.ndarray, target_mm: float = 1
     from scipy import ndimage
 
     factors = np.maximum(1, np.floor(target_mm / spacing)).astype(int)
-    if np.all(factors == 1):
-        return ndimage.distance_transform_edt(~mask, sampling=spacing)
-    padded_shape = [int(np.ceil(n / f) * f) for n, f in zip(mask.shape, factors)]
-    padded = np.zeros(padded_shape, dtype=bool)
-    padded[tuple(slice(0, n) for n in mask.shape)] = mask
-    pooled = padded.reshape(padded_shape[0] // factors[0], factors[0], padded_shape[1] // factors[1], factors[1],
-                            padded_shape[2] // factors[2], factors[2]).any(axis=(1, 3, 5))
-    dist = ndimage.distance_transform_edt(~pooled, sampling=spacing * factors)
+    dist = ndimage.distance_transform_edt(~_pool(mask, factors, "any"), sampling=spacing * factors)
     for axis, f in enumerate(factors):
         dist = np.repeat(dist, f, axis=axis)
     return dist[tuple(slice(0, n) for n in mask.shape)]
+
+
+def _pool(mask: np.ndarray, factors: np.ndarray, how: str) -> np.ndarray:
+    """``mask`` pooled over blocks of ``factors`` voxels (the last partial block padded with False):
+    ``"majority"`` (at least half true), ``"any"`` or ``"all"``."""
+    if np.all(factors == 1):
+        return mask
+    shape = [int(np.ceil(n / f) * f) for n, f in zip(mask.shape, factors)]
+    padded = np.zeros(shape, dtype=bool)
+    padded[tuple(slice(0, n) for n in mask.shape)] = mask
+    blocks = padded.reshape(shape[0] // factors[0], factors[0], shape[1] // factors[1], factors[1],
+                            shape[2] // factors[2], factors[2])
+    if how == "any":
+        return blocks.any(axis=(1, 3, 5))
+    if how == "all":
+        return blocks.all(axis=(1, 3, 5))
+    return blocks.mean(axis=(1, 3, 5), dtype=np.float32) >= 0.5
+
+
+def _pooled_affine(affine: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """Affine of the grid pooled by ``factors`` (voxel centres at the block centres)."""
+    scale = np.eye(4)
+    scale[:3, :3] = np.diag(factors.astype(np.float64))
+    scale[:3, 3] = (factors - 1) / 2.0
+    return affine @ scale
 
 
 def _surface_points(crop: Volume, mask: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -290,6 +319,15 @@ def _initial_poses(fixed_pts: np.ndarray, moving_pts: np.ndarray) -> list[RigidT
         if np.linalg.det(rot) > 0:
             poses.append(RigidTransform.from_rotation(rot, cm - rot @ cf))
     return poses
+
+
+def _pose_score(fixed: _BoneField, moving: _BoneField, pose: RigidTransform) -> float:
+    """Mean squared SDF difference (mm2) at the fixed surface points mapped by ``pose`` (points that land
+    outside the moving view count as the full band): how well a candidate starting pose fits."""
+    values, inside = _sample_sdf(moving, pose.apply(fixed.surface))
+    full = np.full(len(inside), float(np.abs(moving.sdf.array).max()))
+    full[inside] = values
+    return float(np.mean(full**2))
 
 
 # ---- SimpleITK bridges ------------------------------------------------------------------------

@@ -49,6 +49,8 @@ class ChangeConfig:
 
     Attributes:
         align: per-bone registration parameters (incl. the same-knee residual limit).
+        max_rotation_deg: a bone turned further than this between scans (in patient coordinates) means the
+            scans are not of the same knee (a mirrored knee fits best upside down or back to front).
         interface_dilation_mm: the baseline interface zone grows by this much before it is mapped, so
             the registration's residual error cannot push follow-up interface points out of it.
         view_margin_mm: interface points nearer than this to either field-of-view face are left out (the
@@ -58,6 +60,7 @@ class ChangeConfig:
     """
 
     align: AlignConfig = field(default_factory=AlignConfig)
+    max_rotation_deg: float = 45.0
     interface_dilation_mm: float = 2.0
     view_margin_mm: float = 6.0
     max_centroid_mm: float = 5.0
@@ -169,14 +172,18 @@ def compare_visits(baseline: Volume, followup: Volume, schema: LabelSchema, *,
     if problems and not force:
         _refuse(baseline, followup, problems)
     alignment = {}
+    present = [set(np.flatnonzero(np.bincount(v.array.ravel().astype(np.int64, copy=False)))) for v in (baseline, followup)]
     for bone in (s.name for s in schema.bones):
-        ids = schema.bone_ids(bone)
-        if not (np.isin(baseline.array, ids).any() and np.isin(followup.array, ids).any()):
+        ids = set(schema.bone_ids(bone))
+        if not (ids & present[0] and ids & present[1]):
             log.info("%s is missing at one visit; not aligned", bone)
             continue
         a = align_bone(baseline, followup, schema, bone, config=config.align)
         alignment[bone] = a
-        if a.residual_mm > config.align.max_residual_mm:
+        if a.rotation_deg > config.max_rotation_deg:
+            problems.append(f"the {bone} would have turned by {a.rotation_deg:.0f} degrees between the scans "
+                            f"(same knee: below {config.max_rotation_deg:g} degrees)")
+        elif a.residual_mm > config.align.max_residual_mm:
             problems.append(f"{bone} surfaces differ by {a.residual_mm:.2f} mm on average after alignment "
                             f"(same knee: below {config.align.max_residual_mm:g} mm)")
         elif a.coverage < config.align.min_coverage:
