@@ -24,7 +24,7 @@ from bml_pipeline.measure.lesions import LesionSet, find_lesions
 from bml_pipeline.measure.side import SideEstimate, estimate_side
 from bml_pipeline.measure.subregions import BONE_REGIONS, CARTILAGE_REGIONS, SubregionModel, build_subregions
 from bml_pipeline.measure.thickness import ThicknessResult, cartilage_thickness
-from bml_pipeline.measure.volumes import MM3_PER_CM3, label_counts, structure_volumes
+from bml_pipeline.measure.volumes import MM3_PER_CM3, check_label_values, structure_volumes
 from bml_pipeline.volume import Volume, bounding_box
 
 log = logging.getLogger(__name__)
@@ -128,10 +128,9 @@ def measure_labels(labels: Volume, schema: LabelSchema, *, side: str | None = No
 
     if side not in (None, "left", "right"):
         raise InputError(source, f"side must be 'left' or 'right', got {side!r}")
-    schema.check_values(labels.array, source)
+    counts = check_label_values(labels, schema)
     if image is not None:
         labels.require_same_grid(image, "image and label map")
-    counts = label_counts(labels)
     volumes = structure_volumes(labels, schema, counts)
     _check_structures(volumes, schema, source)
     lap("volumes")
@@ -197,14 +196,14 @@ def _bone_bml(labels: Volume, schema: LabelSchema, bone: str, found: LesionSet,
     if model is None or bone not in model.bounds:
         return entry
     names = BONE_REGIONS[bone]
-    full = np.isin(labels.array, schema.bone_ids(bone))
+    lut = np.zeros(max(schema.ids) + 1, dtype=bool)
+    lut[list(schema.bone_ids(bone))] = True
+    full = lut[labels.array]
     box = bounding_box(full)
     assert box is not None  # the bone is present
-    origin = np.array([s.start for s in box])
-    bone_region = model.classify(bone, labels.world_coords(np.argwhere(full[box]) + origin))
-    bone_counts = np.bincount(bone_region[bone_region >= 0], minlength=len(names))
-    lesion_idx = np.argwhere(found.mask)
-    lesion_region = model.classify(bone, labels.world_coords(lesion_idx))
+    region = model.classify_grid(bone, labels.affine, box)
+    bone_counts = np.bincount(region[full[box] & (region >= 0)], minlength=len(names))
+    lesion_region = region[found.mask[box]]
     lesion_counts = np.bincount(lesion_region[lesion_region >= 0], minlength=len(names))
     entry["outside_subregions_cm3"] = float(np.count_nonzero(lesion_region < 0) * voxel_mm3 / MM3_PER_CM3)
     for i, name in enumerate(names):

@@ -7,7 +7,8 @@ any pose, not the array axes. Following MOAKS (Hunter et al., Osteoarthritis Car
 - femur: medial/lateral split at the intercondylar notch (the least-populated ml position between the
   condyles, within 20 mm of the joint); trochlea / central (weight-bearing) / posterior split at the
   anterior and posterior rims of the tibial plateau of the same compartment (where the meniscal horns
-  sit); the subregions cover the distal epiphysis, up to 0.55 x the condylar width above the joint;
+  sit); the subregions cover the distal epiphysis: up to 0.35 x the condylar width above the most distal
+  point (about the physeal scar), the trochlea up to 0.55 x (where the trochlear cartilage ends);
 - tibia: subspinous strip of +-8 % of the plateau width around the plateau's ml centre (under the
   tibial spines); medial and lateral plateaus each split into anterior/central/posterior thirds of
   their front-to-back extent; down to 0.4 x the plateau width below the plateau;
@@ -42,7 +43,8 @@ CARTILAGE_REGIONS = {
     "patella": {"patella": ("medial", "lateral")},
 }
 
-FEMUR_HEIGHT_PER_WIDTH = 0.55
+FEMUR_HEIGHT_PER_WIDTH = 0.35
+TROCHLEA_HEIGHT_PER_WIDTH = 0.55
 TIBIA_DEPTH_PER_WIDTH = 0.4
 SUBSPINOUS_HALF_WIDTH_PER_WIDTH = 0.08
 SLAB_MM = 20.0
@@ -70,31 +72,49 @@ class SubregionModel:
     def classify(self, bone: str, points: np.ndarray, *, clip_height: bool = True) -> np.ndarray:
         """Subregion index into ``BONE_REGIONS[bone]`` of each world point (N, 3); -1 outside all
         subregions (beyond the epiphysis when ``clip_height``) or when the bone has no bounds."""
-        out = np.full(len(points), -1, dtype=np.int8)
-        b = self.bounds.get(bone)
-        if b is None or len(points) == 0:
-            return out
+        if bone not in self.bounds or len(points) == 0:
+            return np.full(len(points), -1, dtype=np.int8)
         lat, ap, si = self.frame_coords(points).T
+        return self._classify(bone, lat, ap, si, clip_height)
+
+    def classify_grid(self, bone: str, affine: np.ndarray, box: tuple[slice, slice, slice]) -> np.ndarray:
+        """:meth:`classify` of every voxel centre of the index box ``box`` of a grid with ``affine``,
+        as an int8 array of the box's shape (frame coordinates are separable per array axis, so this
+        costs a few array passes instead of a matrix product per voxel)."""
+        if bone not in self.bounds:
+            return np.full(tuple(s.stop - s.start for s in box), -1, dtype=np.int8)
+        m = self.axes.matrix * np.array([[self.lateral_sign], [1.0], [1.0]])
+        per_axis = m @ np.asarray(affine, dtype=np.float64)[:3, :3]  # (frame coord, array axis)
+        const = m @ (np.asarray(affine, dtype=np.float64)[:3, 3] - self.axes.origin)
+        ranges = [np.arange(s.start, s.stop, dtype=np.float64) for s in box]
+        coords = []
+        for c in range(3):
+            parts = [(per_axis[c, a] * ranges[a]).astype(np.float32) for a in range(3)]
+            coords.append(parts[0][:, None, None] + parts[1][None, :, None] + parts[2][None, None, :]
+                          + np.float32(const[c]))
+        return self._classify(bone, *coords, clip_height=True)
+
+    def _classify(self, bone: str, lat: np.ndarray, ap: np.ndarray, si: np.ndarray, clip_height: bool) -> np.ndarray:
+        b = self.bounds[bone]
         if bone == "femur":
             lateral = lat > b["notch_lat"]
             front = np.where(lateral, b["front_lateral"], b["front_medial"])
             back = np.where(lateral, b["back_lateral"], b["back_medial"])
-            part = np.where(ap > front, 0, np.where(ap < back, 2, 1))
-            out[:] = part * 2 + lateral
+            trochlea = ap > front
+            out = (np.where(trochlea, 0, np.where(ap < back, 2, 1)) * 2 + lateral).astype(np.int8)
             if clip_height:
-                out[si > b["top_si"]] = -1
+                out[si > np.where(trochlea, b["trochlea_top_si"], b["top_si"])] = -1
         elif bone == "tibia":
             rel = lat - b["centre_lat"]
             lateral = rel > 0
             front = np.where(lateral, b["front_lateral"], b["front_medial"])
             back = np.where(lateral, b["back_lateral"], b["back_medial"])
-            part = np.where(ap > front, 0, np.where(ap < back, 2, 1))
-            out[:] = part + 3 * lateral
+            out = (np.where(ap > front, 0, np.where(ap < back, 2, 1)) + 3 * lateral).astype(np.int8)
             out[np.abs(rel) < b["subspinous_half_width"]] = 6
             if clip_height:
                 out[si < b["bottom_si"]] = -1
-        elif bone == "patella":
-            out[:] = lat > b["centre_lat"]
+        else:
+            out = (lat > b["centre_lat"]).astype(np.int8)
         return out
 
     def to_dict(self) -> dict[str, object]:
@@ -135,8 +155,9 @@ def build_subregions(axes: KneeAxes, side: str, points: dict[str, np.ndarray]) -
         condyles = femur[femur[:, 2] < bottom + SLAB_MM]
         lo, hi = np.percentile(condyles[:, 0], [2, 98])
         width = float(hi - lo)
-        f = {"notch_lat": _notch(condyles[:, 0], float(lo), float(hi)), "top_si": bottom + FEMUR_HEIGHT_PER_WIDTH * width,
-             "bottom_si": bottom, "width": width}
+        f = {"notch_lat": _notch(condyles[:, 0], float(lo), float(hi)), "bottom_si": bottom, "width": width,
+             "top_si": bottom + FEMUR_HEIGHT_PER_WIDTH * width,
+             "trochlea_top_si": bottom + TROCHLEA_HEIGHT_PER_WIDTH * width}
         for name, sel in (("medial", condyles[:, 0] < f["notch_lat"]), ("lateral", condyles[:, 0] >= f["notch_lat"])):
             if name in plateau_rims:
                 back, front = plateau_rims[name]

@@ -15,10 +15,17 @@ e.g. Koo et al., Osteoarthritis Cartilage 2009, and of the ray-casting peers, ma
 4. From each triangle's centroid a ray runs along the outward normal of the bone (the gradient of
    ``B`` smoothed with ``normal_sigma_mm``, isotropic in mm, so staircase facets do not tilt the rays)
    until smoothed ``U`` drops below 0.5; the crossing is refined by linear interpolation. The ray's
-   length is the thickness at that point.
-5. A triangle is part of the interface when its ray has positive length and the voxel at the ray's
-   middle is cartilage of this plate. Statistics are area-weighted over the interface (each triangle's
-   world area), so no direction or anisotropic spacing is favoured.
+   length is the thickness at that point. A ray that leaves through a surface inclined more than
+   ``max_exit_angle_deg`` to it left through the plate's side wall and is not a thickness sample.
+5. Interface: triangles whose ray is positive with a cartilage voxel of this plate at its middle,
+   then closed morphologically on the bone surface (ball of ``hole_closing_voxels`` x the largest
+   voxel size). The closing matters for plates thinner than a voxel: such a plate vanishes from some
+   voxel columns of a binary map; those columns keep their (zero) thickness in the average, which is
+   what keeps the mean unbiased (the 0.5 levels of the bone and bone+cartilage indicators are each
+   unbiased on average, so their distance is too, but only averaged over all columns).
+6. Statistics are area-weighted over the interface (each triangle's world area projected onto the
+   smooth normal's plane, so staircase facets count with the area they stand for), so no direction
+   or anisotropic spacing is favoured.
 
 The plain reference (2 x the Euclidean distance transform on the plate's skeleton) is
 :func:`skeleton_edt_thickness`; ``scripts/validate_volumetry.py`` compares both on analytic phantoms.
@@ -128,11 +135,12 @@ def cartilage_thickness(labels: Volume, schema: LabelSchema, plate: str, *, conf
     bone_s = ndimage.gaussian_filter(bone_f, sigma) if sigma > 0 else bone_f
     union_f = (bone | cart).astype(np.float32)
     union_s = ndimage.gaussian_filter(union_f, sigma) if sigma > 0 else union_f
-    bone_n = ndimage.gaussian_filter(bone_f, config.normal_sigma_mm / spacing)
+    bone_n = ndimage.gaussian_filter(bone_f, config.normal_sigma_mm / spacing, truncate=3.0)
 
     # Bone surface near the cartilage only: cubes within 2 voxels of a cartilage voxel touching bone.
     touching = cart & ndimage.binary_dilation(bone, structure=ndimage.generate_binary_structure(3, 1))
-    near = ndimage.binary_dilation(touching, structure=np.ones((3, 3, 3), bool), iterations=2)
+    close_r = config.hole_closing_voxels * float(max(spacing))
+    near = ndimage.distance_transform_edt(~touching, sampling=spacing) <= close_r + 2.0 * float(max(spacing))
     from skimage.measure import marching_cubes
 
     try:
@@ -154,18 +162,20 @@ def cartilage_thickness(labels: Volume, schema: LabelSchema, plate: str, *, conf
     # voxel staircase count with the area of the surface they approximate, not their own.
     areas = np.abs(np.einsum("ij,ij->i", face_normals, normals))
 
-    length = _ray_lengths(union_s, centroids_idx, normals @ inv_linear.T, ok, config)
-    reached = np.nan_to_num(length)
     step_idx = normals @ inv_linear.T
-    exit_idx = centroids_idx + reached[:, None] * step_idx
-    exit_grad = _gradient_world(union_s, exit_idx, inv_linear)
-    exit_cos = -np.einsum("ij,ij->i", exit_grad, normals) / np.maximum(np.linalg.norm(exit_grad, axis=1), 1e-12)
-    # A ray that leaves through a surface almost parallel to it left through the plate's side wall,
+    length = _ray_lengths(union_s, centroids_idx, step_idx, ok, config.ray_step_mm, config.max_thickness_mm)
+    reached = np.nan_to_num(length)
+    # A ray that leaves through a surface steeply inclined to it left through the plate's side (a wall),
     # not its articular surface: it does not measure the plate's thickness.
-    ok &= exit_cos >= np.cos(np.radians(config.max_exit_angle_deg))
-    mid_idx = np.rint(centroids_idx + 0.5 * reached[:, None] * (normals @ inv_linear.T)).astype(int)
-    mid_idx = np.clip(mid_idx, 0, np.array(sub.shape) - 1)
-    keep = ok & (reached > 0) & cart[mid_idx[:, 0], mid_idx[:, 1], mid_idx[:, 2]]
+    exit_grad = _gradient_world(union_s, centroids_idx + reached[:, None] * step_idx, inv_linear)
+    exit_cos = -np.einsum("ij,ij->i", exit_grad, normals) / np.maximum(np.linalg.norm(exit_grad, axis=1), 1e-12)
+    measured = np.isfinite(length) & ((reached == 0) | (exit_cos >= np.cos(np.radians(config.max_exit_angle_deg))))
+    mid_idx = np.clip(np.rint(centroids_idx + 0.5 * reached[:, None] * step_idx).astype(int), 0, np.array(sub.shape) - 1)
+    seeds = measured & (reached > 0) & cart[mid_idx[:, 0], mid_idx[:, 1], mid_idx[:, 2]]
+    # Interface = the seeds' footprint with holes up to ~2 voxels closed: where a plate thinner than a
+    # voxel vanished from some voxel columns, those columns count with their (zero) thickness, so
+    # the mean stays unbiased instead of averaging only the columns that kept a cartilage voxel.
+    keep = _close_on_surface(world_origin + centroids_idx @ linear.T, seeds, close_r) & measured
     if region is not None:
         near_idx = np.clip(np.rint(centroids_idx + crop_origin).astype(int), 0, np.array(labels.shape) - 1)
         keep &= np.asarray(region, bool)[near_idx[:, 0], near_idx[:, 1], near_idx[:, 2]]
@@ -173,8 +183,23 @@ def cartilage_thickness(labels: Volume, schema: LabelSchema, plate: str, *, conf
     points = world_origin + centroids_idx[keep] @ linear.T
     log.debug("%s: %d interface triangles of %d, area %.1f mm2", plate, int(keep.sum()), len(keep), weights.sum())
     stats = weighted_stats(thickness, weights) if thickness.size else None
-    thickness_map = _thickness_map(labels, box, cart, mid_idx[keep], thickness, weights)
+    thickness_map = _thickness_map(labels, box, cart, centroids_idx[keep], step_idx[keep], thickness, weights)
     return ThicknessResult(plate, thickness, points, normals[keep], weights, stats, thickness_map)
+
+
+def _close_on_surface(points: np.ndarray, selected: np.ndarray, radius: float) -> np.ndarray:
+    """Morphological closing of a selection of surface points (world mm) with a ball of ``radius`` mm:
+    holes narrower than about 2 x ``radius`` are filled, the outer boundary stays where it was."""
+    from scipy.spatial import cKDTree
+
+    if not selected.any():
+        return selected
+    dist_in, _ = cKDTree(points[selected]).query(points, distance_upper_bound=radius + 1e-9)
+    dilated = np.isfinite(dist_in)
+    if dilated.all():
+        return dilated
+    dist_out, _ = cKDTree(points[~dilated]).query(points, distance_upper_bound=radius + 1e-9)
+    return dilated & ~np.isfinite(dist_out)
 
 
 def _gradient_world(field: np.ndarray, idx: np.ndarray, inv_linear: np.ndarray) -> np.ndarray:
@@ -191,21 +216,18 @@ def _gradient_world(field: np.ndarray, idx: np.ndarray, inv_linear: np.ndarray) 
 
 
 def _ray_lengths(field: np.ndarray, start_idx: np.ndarray, step_dir_idx: np.ndarray, ok: np.ndarray,
-                 config: MeasureConfig) -> np.ndarray:
-    """Distance (mm) along each ray until trilinear ``field`` first drops below 0.5; 0 when it starts
-    below 0.5, NaN when it never does within ``max_thickness_mm``.
-
-    ``step_dir_idx`` is each ray's unit world direction expressed in index units per mm.
+                 step: float, max_length: float) -> np.ndarray:
+    """Distance (mm) along each ray until trilinear ``field`` first drops below 0.5, refined by linear
+    interpolation between samples ``step`` mm apart; 0 when it starts below 0.5, NaN when it does not
+    drop within ``max_length`` or the ray is not ``ok``. ``step_dir_idx``: each ray's unit world
+    direction in index units per mm.
     """
-    n = len(start_idx)
-    result = np.full(n, np.nan)
+    result = np.full(len(start_idx), np.nan)
     value = ndimage.map_coordinates(field, start_idx.T, order=1, mode="nearest")
     result[ok & (value < 0.5)] = 0.0
     active = np.flatnonzero(ok & (value >= 0.5))
     prev = value[active]
-    step = config.ray_step_mm
-    n_steps = int(np.ceil(config.max_thickness_mm / step))
-    for k in range(1, n_steps + 1):
+    for k in range(1, int(np.ceil(max_length / step)) + 1):
         if active.size == 0:
             break
         pos = start_idx[active] + (k * step) * step_dir_idx[active]
@@ -213,8 +235,7 @@ def _ray_lengths(field: np.ndarray, start_idx: np.ndarray, step_dir_idx: np.ndar
         crossed = cur < 0.5
         if np.any(crossed):
             a, b = prev[crossed], cur[crossed]
-            frac = (a - 0.5) / (a - b)
-            result[active[crossed]] = (k - 1 + frac) * step
+            result[active[crossed]] = (k - 1 + (a - 0.5) / (a - b)) * step
         active, prev = active[~crossed], cur[~crossed]
     return result
 
@@ -230,25 +251,39 @@ def weighted_stats(values: np.ndarray, weights: np.ndarray) -> ThicknessStats:
     return ThicknessStats(mean, median, sd, p95, float(values.max()), total)
 
 
-def _thickness_map(labels: Volume, box: tuple[slice, slice, slice], cart: np.ndarray, mid_idx: np.ndarray,
-                   thickness: np.ndarray, weights: np.ndarray) -> Volume:
-    """Thickness (mm) painted onto the cartilage voxels of the crop, then placed on the full grid."""
+def _thickness_map(labels: Volume, box: tuple[slice, slice, slice], cart: np.ndarray, start_idx: np.ndarray,
+                   step_idx: np.ndarray, thickness: np.ndarray, weights: np.ndarray) -> Volume:
+    """Thickness (mm) painted onto cartilage voxels: each voxel a ray passes through gets the
+    area-weighted mean thickness of those rays; cartilage voxels no ray crosses get the value of the
+    nearest painted voxel. Computed in the crop ``box``, returned on the full grid."""
     out = np.zeros(labels.shape, dtype=np.float32)
     if thickness.size:
-        flat = np.ravel_multi_index(mid_idx.T, cart.shape)
-        w_sum = np.bincount(flat, weights=weights, minlength=cart.size)
-        t_sum = np.bincount(flat, weights=weights * thickness, minlength=cart.size)
-        seeds = np.flatnonzero(w_sum > 0)
-        seed_values = t_sum[seeds] / w_sum[seeds]
-        targets = np.flatnonzero(cart.ravel())
-        from scipy.spatial import cKDTree
-
-        linear = labels.affine[:3, :3]
-        seed_xyz = np.stack(np.unravel_index(seeds, cart.shape), axis=1) @ linear.T
-        target_xyz = np.stack(np.unravel_index(targets, cart.shape), axis=1) @ linear.T
-        _, nearest = cKDTree(seed_xyz).query(target_xyz)
+        h = 0.5 * min(labels.spacing)
+        samples = np.ceil(thickness / h).astype(np.intp)
+        ray = np.repeat(np.arange(len(thickness)), samples)
+        first = np.cumsum(samples) - samples
+        s = (np.arange(ray.size) - first[ray] + 0.5) * h
+        s = np.minimum(s, thickness[ray])
+        pos = start_idx[ray] + s[:, None] * step_idx[ray]
+        vox = np.clip(np.rint(pos).astype(np.intp), 0, np.array(cart.shape) - 1)
+        flat = np.ravel_multi_index(vox.T, cart.shape)
+        on_cart = cart.ravel()[flat]
+        flat, ray = flat[on_cart], ray[on_cart]
+        w_sum = np.bincount(flat, weights=weights[ray], minlength=cart.size)
+        t_sum = np.bincount(flat, weights=(weights * thickness)[ray], minlength=cart.size)
         crop = np.zeros(cart.size, dtype=np.float32)
-        crop[targets] = seed_values[nearest]
+        painted = w_sum > 0
+        crop[painted] = t_sum[painted] / w_sum[painted]
+        missing = np.flatnonzero(cart.ravel() & ~painted)
+        seeds = np.flatnonzero(painted)
+        if missing.size and seeds.size:
+            from scipy.spatial import cKDTree
+
+            linear = labels.affine[:3, :3]
+            seed_xyz = np.stack(np.unravel_index(seeds, cart.shape), axis=1) @ linear.T
+            target_xyz = np.stack(np.unravel_index(missing, cart.shape), axis=1) @ linear.T
+            _, nearest = cKDTree(seed_xyz).query(target_xyz)
+            crop[missing] = crop[seeds[nearest]]
         out[box] = crop.reshape(cart.shape)
     return labels.with_array(out)
 

@@ -28,6 +28,9 @@ from bml_pipeline.synth.raster import SDF, rasterize
 from bml_pipeline.volume import Volume, VolumeMeta
 
 BONE, CARTILAGE = 1, 2
+MARGIN_MM = 6.0
+"""Bone extends this far beyond the plate's edge (mm), so the interface normals near the edge are
+those of the bone surface, not of its rim."""
 
 
 @dataclass(frozen=True)
@@ -57,11 +60,11 @@ def rotation_matrix(angles_deg: Sequence[float]) -> np.ndarray:
 
 
 def flat_plate(thickness_mm: float, spacing: Sequence[float], *, angles_deg: Sequence[float] = (0, 0, 0),
-               size_mm: float = 24.0, amplitude_mm: float = 0.0, bone_depth_mm: float = 5.0,
+               size_mm: float = 30.0, amplitude_mm: float = 0.0, bone_depth_mm: float = 5.0,
                offset_mm: Sequence[float] = (0.0, 0.0, 0.0), supersample: int = 4) -> PlatePhantom:
     """Flat plate of thickness ``t(u) = t0 + amplitude sin(2 pi u / L)`` over a ``size_mm`` square.
 
-    The bone slab is ``bone_depth_mm`` deep and 3 mm wider than the plate on every side.
+    The bone slab is ``bone_depth_mm`` deep and ``MARGIN_MM`` wider than the plate on every side.
     """
     t0, amp, half = float(thickness_mm), float(amplitude_mm), 0.5 * float(size_mm)
     _check(t0, amp)
@@ -70,19 +73,19 @@ def flat_plate(thickness_mm: float, spacing: Sequence[float], *, angles_deg: Seq
 
     def bone(p: np.ndarray) -> np.ndarray:
         u, v, w = p.T
-        return np.maximum.reduce([np.abs(u) - half - 3.0, np.abs(v) - half - 3.0, w, -w - bone_depth_mm])
+        return np.maximum.reduce([np.abs(u) - half - MARGIN_MM, np.abs(v) - half - MARGIN_MM, w, -w - bone_depth_mm])
 
     def plate(p: np.ndarray) -> np.ndarray:
         u, v, w = p.T
         return np.maximum.reduce([np.abs(u) - half, np.abs(v) - half, -w, (w - t0 - amp * np.sin(k * u)) / lip])
 
-    extent = np.sqrt(2.0) * (half + 3.0) + bone_depth_mm + t0 + amp
+    box = ((-half - MARGIN_MM, -half - MARGIN_MM, -bone_depth_mm), (half + MARGIN_MM, half + MARGIN_MM, t0 + amp))
     desc = f"flat plate t={t0:g}+{amp:g}sin mm, {size_mm:g} mm square, angles {tuple(angles_deg)} deg"
-    return _build(bone, plate, extent, spacing, angles_deg, offset_mm, supersample, t0, size_mm ** 2, desc)
+    return _build(bone, plate, box, spacing, angles_deg, offset_mm, supersample, t0, size_mm ** 2, desc)
 
 
 def cylinder_plate(thickness_mm: float, radius_mm: float, spacing: Sequence[float], *,
-                   angles_deg: Sequence[float] = (0, 0, 0), arc_deg: float = 100.0, length_mm: float = 24.0,
+                   angles_deg: Sequence[float] = (0, 0, 0), arc_deg: float = 100.0, length_mm: float = 30.0,
                    amplitude_mm: float = 0.0, offset_mm: Sequence[float] = (0.0, 0.0, 0.0),
                    supersample: int = 4) -> PlatePhantom:
     """Plate on a bone cylinder (radius ``radius_mm``, axis u), over an arc of ``arc_deg`` around +w;
@@ -99,9 +102,11 @@ def cylinder_plate(thickness_mm: float, radius_mm: float, spacing: Sequence[floa
     n1 = np.array([0.0, np.cos(arc / 2), -np.sin(arc / 2)])   # in (u, v, w); theta measured from +w in the v-w plane
     n2 = np.array([0.0, -np.cos(arc / 2), -np.sin(arc / 2)])
 
+    floor = r0 * np.cos(min(arc / 2 + MARGIN_MM / r0, np.pi)) - MARGIN_MM  # bone below the arc, cut flat
+
     def bone(p: np.ndarray) -> np.ndarray:
         u, v, w = p.T
-        return np.maximum(np.hypot(v, w) - r0, np.abs(u) - half_len - 3.0)
+        return np.maximum.reduce([np.hypot(v, w) - r0, np.abs(u) - half_len - MARGIN_MM, floor - w])
 
     def plate(p: np.ndarray) -> np.ndarray:
         u, v, w = p.T
@@ -111,9 +116,10 @@ def cylinder_plate(thickness_mm: float, radius_mm: float, spacing: Sequence[floa
                                   p @ n1, p @ n2, np.abs(u) - half_len])
 
     area = r0 * arc * length_mm
-    extent = np.hypot(r0 + t0 + amp, half_len + 3.0)
+    top = r0 + t0 + amp
+    box = ((-half_len - MARGIN_MM, -top, max(floor, -top)), (half_len + MARGIN_MM, top, top))
     desc = f"cylinder plate t={t0:g}+{amp:g}sin mm, R={r0:g} mm, arc {arc_deg:g} deg, angles {tuple(angles_deg)} deg"
-    return _build(bone, plate, extent, spacing, angles_deg, offset_mm, supersample, t0, area, desc)
+    return _build(bone, plate, box, spacing, angles_deg, offset_mm, supersample, t0, area, desc)
 
 
 def sphere_plate(thickness_mm: float, radius_mm: float, spacing: Sequence[float], *,
@@ -127,8 +133,10 @@ def sphere_plate(thickness_mm: float, radius_mm: float, spacing: Sequence[float]
     if not 0 < cap < np.pi / 2:
         raise ValueError("cap_deg must be in (0, 90)")
 
+    floor = r0 * np.cos(min(cap + MARGIN_MM / r0, np.pi)) - MARGIN_MM  # bone below the cap, cut flat
+
     def bone(p: np.ndarray) -> np.ndarray:
-        return np.linalg.norm(p, axis=1) - r0
+        return np.maximum(np.linalg.norm(p, axis=1) - r0, floor - p[:, 2])
 
     def plate(p: np.ndarray) -> np.ndarray:
         r = np.linalg.norm(p, axis=1)
@@ -138,7 +146,9 @@ def sphere_plate(thickness_mm: float, radius_mm: float, spacing: Sequence[float]
 
     area = 2.0 * np.pi * r0 ** 2 * (1.0 - np.cos(cap))
     desc = f"sphere plate t={t0:g} mm, R={r0:g} mm, cap {cap_deg:g} deg, angles {tuple(angles_deg)} deg"
-    return _build(bone, plate, r0 + t0, spacing, angles_deg, offset_mm, supersample, t0, area, desc)
+    top = r0 + t0
+    box = ((-top, -top, max(floor, -top)), (top, top, top))
+    return _build(bone, plate, box, spacing, angles_deg, offset_mm, supersample, t0, area, desc)
 
 
 def _check(t0: float, amp: float) -> None:
@@ -146,16 +156,21 @@ def _check(t0: float, amp: float) -> None:
         raise ValueError("thickness must be > 0 and 0 <= amplitude < thickness")
 
 
-def _build(bone: SDF, plate: SDF, extent_mm: float, spacing: Sequence[float], angles_deg: Sequence[float],
-           offset_mm: Sequence[float], supersample: int, mean_t: float, area: float, desc: str) -> PlatePhantom:
+def _build(bone: SDF, plate: SDF, box: tuple[tuple[float, float, float], tuple[float, float, float]],
+           spacing: Sequence[float], angles_deg: Sequence[float], offset_mm: Sequence[float], supersample: int,
+           mean_t: float, area: float, desc: str) -> PlatePhantom:
     """Rasterize local-frame SDFs rotated by ``angles_deg`` and shifted by ``offset_mm`` on a grid of
-    ``spacing`` (mm, axis-aligned RAS) that holds a ball of radius ``extent_mm`` + 2 voxels."""
+    ``spacing`` (mm, axis-aligned RAS) that holds the rotated local box ``box`` (lo, hi) + 2 voxels."""
     spacing_arr = np.asarray(spacing, dtype=np.float64)
     rot = rotation_matrix(angles_deg)
     offset = np.asarray(offset_mm, dtype=np.float64)
-    shape = tuple(int(n) for n in 2 * np.ceil(extent_mm / spacing_arr + 2) + 1)
+    corners = np.array([[x, y, z] for x in (box[0][0], box[1][0]) for y in (box[0][1], box[1][1])
+                        for z in (box[0][2], box[1][2])]) @ rot.T
+    lo = np.floor(corners.min(axis=0) / spacing_arr) - 2
+    hi = np.ceil(corners.max(axis=0) / spacing_arr) + 2
+    shape = tuple(int(n) for n in hi - lo + 1)
     affine = np.diag([*spacing_arr, 1.0])
-    affine[:3, 3] = -spacing_arr * (np.asarray(shape) - 1) / 2.0
+    affine[:3, 3] = lo * spacing_arr
 
     def local(sdf: SDF) -> SDF:
         return lambda p: sdf((p - offset) @ rot)  # rows: R^T (p - offset)
