@@ -129,7 +129,8 @@ class LocalExecutor:
     """A pool of ``workers`` processes on this machine (spawn start method: safe with threads and CUDA).
 
     Used as a context manager, the pool stays up between :meth:`run` calls (scans, then visit pairs);
-    otherwise each call starts and stops its own.
+    otherwise each call starts and stops its own. ``workers=0`` runs every job in the calling process,
+    one after another (for debugging and tiny batches: no isolation from crashes in native code).
 
     A worker that dies (killed, out of memory, crash in native code) breaks the pool. When one job was
     running then, it is recorded as failed; when several were, they are rerun one at a time so that only
@@ -137,8 +138,8 @@ class LocalExecutor:
     """
 
     def __init__(self, workers: int = 1, threads_per_worker: int = 1) -> None:
-        if workers < 1:
-            raise ValueError("workers must be at least 1")
+        if workers < 0:
+            raise ValueError("workers must be 0 (in this process) or more")
         self.workers = workers
         self.threads_per_worker = threads_per_worker
         self._keep = False
@@ -155,6 +156,10 @@ class LocalExecutor:
             self._pool = None
 
     def run(self, tasks: Sequence[Job]) -> Iterator[tuple[Job, ScanOutcome]]:
+        if self.workers == 0:
+            for task in tasks:
+                yield task, task.execute(None)
+            return
         queue: list[Job] = list(tasks)
         suspects: list[Job] = []
         try:

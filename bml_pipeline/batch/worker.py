@@ -8,6 +8,7 @@ so everything it receives and returns is picklable.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import threading
 import time
 import traceback
@@ -201,8 +202,8 @@ def attach_log(path: Path) -> logging.Handler:
     thread = threading.get_ident()
     handler.addFilter(lambda record: record.thread == thread)
     package_logger = logging.getLogger("bml_pipeline")
-    if package_logger.getEffectiveLevel() > logging.INFO:
-        package_logger.setLevel(logging.INFO)
+    if multiprocessing.parent_process() is not None and package_logger.getEffectiveLevel() > logging.INFO:
+        package_logger.setLevel(logging.INFO)  # a worker process: its logging is ours to set
     package_logger.addHandler(handler)
     return handler
 

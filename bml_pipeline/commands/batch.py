@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", help="CSV or YAML manifest: subject, visit, image and/or labels [, side, model]")
     parser.add_argument("--out", required=True, help="output folder: <out>/<subject>/<visit>/ and cohort tables")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (local executor or LocalCluster)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes (local executor or LocalCluster); 0 runs scans in this process")
     parser.add_argument("--executor", choices=("local", "dask"), default="local", help="where scans run")
     parser.add_argument("--scheduler", help="Dask scheduler address (tcp://host:8786) or scheduler file (.json);"
                                             " implies --executor dask")
@@ -49,8 +50,8 @@ def _run(args: argparse.Namespace) -> int:
     from bml_pipeline.batch import BatchSettings, DaskExecutor, LocalExecutor, load_manifest, run_batch
     from bml_pipeline.errors import InputError
 
-    if args.workers < 1:
-        raise InputError(None, f"--workers must be at least 1, got {args.workers}")
+    if args.workers < 0 or (args.workers == 0 and (args.executor == "dask" or args.scheduler)):
+        raise InputError(None, f"--workers must be at least {0 if args.executor == 'local' else 1}, got {args.workers}")
     scans = load_manifest(args.manifest)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -60,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
         where = f"Dask scheduler {args.scheduler}" if args.scheduler else f"a local Dask cluster of {args.workers}"
     else:
         executor = LocalExecutor(args.workers, args.threads_per_worker)
-        where = f"{args.workers} local worker(s)"
+        where = f"{args.workers} local worker(s)" if args.workers else "this process"
     settings = BatchSettings(schema=args.schema, config_file=args.config, model=args.model, device=args.device,
                              report=not args.no_report)
     print(f"batch: {len(scans)} scans from {args.manifest} -> {out} on {where}"
