@@ -26,7 +26,7 @@ import numpy as np
 
 from bml_pipeline.synth.sdf import norm, transform
 
-_QUAD = 800  # quadrature nodes per parameter axis
+_QUAD = 500  # quadrature nodes per parameter axis
 
 
 def taper(s: np.ndarray, width: float) -> np.ndarray:
@@ -64,11 +64,16 @@ class Shell:
 
     def truth(self) -> dict[str, float]:
         """Volume (mm3), bone-side area (mm2) and mean thickness (mm) of the plate."""
-        t, da, h, k = self._quadrature()
+        t, da, h, k = self._quad
         area = float(da.sum())
         return {"volume_mm3": float(((t + h * t**2 + k * t**3 / 3) * da).sum()),
                 "area_mm2": area, "mean_thickness_mm": float((t * da).sum() / area),
                 "max_thickness_mm": float(t.max())}
+
+    @cached_property
+    def _quad(self) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """Thickness samples, their surface area elements (mm2), and the mean and Gaussian curvature."""
+        return self._quadrature()
 
     def local_box(self, margin_mm: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """Axis-aligned box (lo, hi, mm, local frame) holding the plate, grown by ``margin_mm``."""
@@ -82,7 +87,7 @@ class Shell:
     def _lipschitz(self) -> float:
         """Bound on |grad (height - t)|: sqrt(1 + g^2), g the steepest thickness slope per mm on the
         base surface (slopes only shrink farther out, where arc lengths grow)."""
-        t, da, _, _ = self._quadrature()
+        t, da, _, _ = self._quad
         gu, gv = self._slopes(t)
         return float(np.sqrt(1.0 + (np.hypot(gu, gv).max() * 1.02) ** 2))
 
