@@ -58,7 +58,8 @@ ScanFunction = Callable[[ScanSpec, Path, BatchSettings, dict[str, Any]], dict[st
 class ScanOutcome:
     """Result of one job: ``status`` is ``"done"``, ``"skipped"`` (finished earlier) or ``"failed"``.
 
-    ``visit`` is the scan's visit, or ``"<baseline>-><followup>"`` for a visit pair.
+    ``visit`` is the scan's visit, or ``"<baseline>-><followup>"`` for a visit pair. ``seconds`` is the
+    job's wall time in its worker, ``cpu_seconds`` the worker process's CPU time over the job.
     """
 
     subject: str
@@ -67,6 +68,7 @@ class ScanOutcome:
     row: dict[str, Any] | None = None
     error: str | None = None
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
 
 
 class Job(Protocol):
@@ -146,7 +148,7 @@ def model_for(spec: ScanSpec, settings: BatchSettings) -> str | None:
 def run_task(task: ScanTask) -> ScanOutcome:
     """Process one scan (or reuse its finished outputs when resuming); never raises for a bad scan."""
     spec, run_dir = task.spec, task.run_dir
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         checksums = {role: sha256_path(p) for role, p in (("image", spec.image), ("labels", spec.labels))
                      if p is not None}
@@ -172,7 +174,8 @@ def run_task(task: ScanTask) -> ScanOutcome:
         row = {"subject": spec.subject, "visit": spec.visit, **scan_fn(spec, run_dir, task.settings, provenance)}
         store.write_marker(run_dir, checksums, digest, row)
         log.info("scan %s %s finished in %.2f s", spec.subject, spec.visit, time.perf_counter() - start)
-        return ScanOutcome(spec.subject, spec.visit, "done", row, None, time.perf_counter() - start)
+        return ScanOutcome(spec.subject, spec.visit, "done", row, None, time.perf_counter() - start,
+                           time.process_time() - cpu_start)
     except Exception as exc:  # noqa: BLE001 - every failure of one scan is recorded, the batch goes on
         log.error("scan %s %s failed: %s\n%s", spec.subject, spec.visit, exc, traceback.format_exc())
         for name in SCAN_OUTPUTS:
