@@ -28,6 +28,7 @@ from bml_pipeline.batch import (
     load_manifest,
     run_batch,
 )
+from bml_pipeline.batch.changes import visit_pairs
 from bml_pipeline.batch.executors import WORKER_DIED
 from bml_pipeline.batch.store import MARKER_NAME
 from bml_pipeline.batch.worker import ScanTask, run_task
@@ -240,3 +241,12 @@ def test_kill9_then_resume_gives_identical_tables(tmp_path: Path) -> None:
     assert {k for k, v in statuses.items() if v == "done"} == (scans - finished) | pairs
     for name in ("cohort.csv", "cohort.parquet", "changes.csv", "errors.csv", "cohort_stats.csv"):
         assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+def test_visit_pairs_consecutive_and_baseline_to_last() -> None:
+    specs = [ScanSpec("a", v, labels=Path("x")) for v in ("96m", "00m", "12m")] + [ScanSpec("b", "00m"),
+                                                                                   ScanSpec("c", "00m"),
+                                                                                   ScanSpec("c", "V2")]
+    pairs = [(a.subject, a.visit, b.visit, consecutive) for a, b, consecutive in visit_pairs(specs)]
+    assert pairs == [("a", "00m", "12m", True), ("a", "12m", "96m", True), ("a", "00m", "96m", False),
+                     ("c", "00m", "V2", True)]

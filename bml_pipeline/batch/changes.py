@@ -30,16 +30,17 @@ PairFunction = Callable[[ScanSpec, Path, ScanSpec, Path, BatchSettings], dict[st
 """``(baseline spec, baseline run dir, follow-up spec, follow-up run dir, settings) -> change.json dict``."""
 
 
-def visit_pairs(specs: Sequence[ScanSpec]) -> list[tuple[ScanSpec, ScanSpec]]:
-    """Consecutive visit pairs per subject, plus baseline-to-last when a subject has 3+ visits."""
+def visit_pairs(specs: Sequence[ScanSpec]) -> list[tuple[ScanSpec, ScanSpec, bool]]:
+    """``(baseline, followup, consecutive)``: consecutive visit pairs per subject, plus baseline-to-last
+    (``consecutive`` False) when a subject has 3+ visits."""
     by_subject: dict[str, list[ScanSpec]] = {}
     for spec in sorted(specs, key=scan_sort_key):
         by_subject.setdefault(spec.subject, []).append(spec)
     pairs = []
     for visits in by_subject.values():
-        pairs.extend(itertools.pairwise(visits))
+        pairs.extend((a, b, True) for a, b in itertools.pairwise(visits))
         if len(visits) > 2:
-            pairs.append((visits[0], visits[-1]))
+            pairs.append((visits[0], visits[-1], False))
     return pairs
 
 
@@ -80,6 +81,7 @@ class PairTask:
     settings: BatchSettings
     resume: bool
     pair_fn: PairFunction | None = None  # None: pipeline_change
+    consecutive: bool = True  # the follow-up's report shows this change (not for baseline-to-last)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -108,7 +110,8 @@ class PairTask:
         if self.resume:
             row = store.finished_row(self.pair_dir, inputs, digest)
             if row is not None:
-                return ScanOutcome(*self.key, "skipped", row, None, time.perf_counter() - start)
+                report_error = self._followup_report(base_dir, foll_dir, only_if_stale=True)
+                return ScanOutcome(*self.key, "skipped", row, report_error, time.perf_counter() - start)
         self.pair_dir.mkdir(parents=True, exist_ok=True)
         store.clear_marker(self.pair_dir)
         handler = attach_log(self.pair_dir / LOG_NAME)
@@ -119,13 +122,33 @@ class PairTask:
             write_text_atomic(self.pair_dir / "change.json", json.dumps(change, indent=2, sort_keys=True) + "\n")
             row = change_table_row(change, self.baseline.subject, self.baseline.visit, self.followup.visit)
             store.write_marker(self.pair_dir, inputs, digest, row)
-            return ScanOutcome(*self.key, "done", row, None, time.perf_counter() - start)
+            report_error = self._followup_report(base_dir, foll_dir)
+            return ScanOutcome(*self.key, "done", row, report_error, time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - a failed pair is recorded, the batch goes on
             log.error("change %s %s failed: %s\n%s", *self.key, exc, traceback.format_exc())
             (self.pair_dir / "change.json").unlink(missing_ok=True)
             return ScanOutcome(*self.key, "failed", None, error_line(exc), time.perf_counter() - start)
         finally:
             detach_log(handler)
+
+
+    def _followup_report(self, base_dir: Path, foll_dir: Path, only_if_stale: bool = False) -> str | None:
+        """Re-render the follow-up's ``report.html`` with the prior visit and this change (consecutive
+        pairs, reports on). ``only_if_stale``: only when the report is newer than this pair's marker (the
+        follow-up scan was rewritten). Returns a one-line error, or None."""
+        report = foll_dir / "report.html"
+        if not (self.settings.report and self.consecutive) or (
+                only_if_stale and report.exists()
+                and report.stat().st_mtime_ns <= (self.pair_dir / store.MARKER_NAME).stat().st_mtime_ns):
+            return None
+        from bml_pipeline.report import write_scan_report
+
+        try:
+            write_scan_report(foll_dir, prior_dir=base_dir, change_path=self.pair_dir / "change.json")
+        except Exception as exc:  # noqa: BLE001 - the change stands; the report failure is recorded
+            log.error("report of %s with its prior visit failed: %s\n%s", foll_dir, exc, traceback.format_exc())
+            return f"follow-up report: {error_line(exc)}"
+        return None
 
 
 def _marker_digest(run_dir: Path) -> str:

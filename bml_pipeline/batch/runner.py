@@ -96,7 +96,8 @@ def run_batch(
                 summary.skipped += outcome.status == "skipped"
         cohort = write_cohort_tables(out, scan_rows)
 
-        pairs = [PairTask(a, b, out, settings, resume, pair_fn) for a, b in visit_pairs(finished)]
+        pairs = [PairTask(a, b, out, settings, resume, pair_fn, consecutive=consecutive)
+                 for a, b, consecutive in visit_pairs(finished)]
         if on_stage is not None and pairs:
             on_stage("visit pairs", len(pairs))
         for _task, outcome in executor.run(pairs):
@@ -131,6 +132,9 @@ def _record(summary: BatchSummary, outcome: ScanOutcome, stage: str,
         summary.failures.append((outcome.subject, outcome.visit, stage, outcome.error or "unknown error"))
         log.warning("%s %s failed: %s", outcome.subject, outcome.visit, outcome.error)
         return False
+    if outcome.error:  # finished, but its report could not be written
+        summary.failures.append((outcome.subject, outcome.visit, "report", outcome.error))
+        log.warning("%s %s: %s", outcome.subject, outcome.visit, outcome.error)
     return True
 
 
