@@ -97,3 +97,44 @@ def test_bad_manifest_cannot_start(tmp_path: Path) -> None:
                                                     "(known: ['subject', 'visit', 'image', 'labels', 'side', "
                                                     "'model'])")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_batch_command_kill9_and_resume(oai_labels_dir: Path, tmp_path: Path) -> None:
+    """The real command, killed with SIGKILL after its first scan and resumed, ends with the tables of an
+    uninterrupted run; finished scans keep their outputs untouched."""
+    import os
+    import signal
+    import time
+
+    names = sorted(p.name for p in oai_labels_dir.glob("zib_*_labels.nii.gz"))[:4]
+    lines = ["subject,visit,labels"]
+    for name in names:
+        small_map(oai_labels_dir / name, tmp_path / name)
+        lines.append(f"{name.split('_')[1]},00m,{name}")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+
+    def batch(out: Path, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "bml_pipeline", "batch", str(manifest), "--out", str(out),
+                                 "--workers", "1", "--no-progress", "--no-report", *extra],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    assert batch(tmp_path / "straight").wait(timeout=600) == 0
+    out = tmp_path / "killed"
+    proc = batch(out)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*/*/done.json")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("*/*/done.json")}
+    assert 1 <= len(finished) < len(names)
+    resumed = batch(out, "--resume")
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr
+    assert f"scans {len(names) - len(finished)} done, {len(finished)} already finished" in stderr
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in finished.items())
+    for name in ("cohort.csv", "cohort.parquet", "changes.csv", "errors.csv"):
+        assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name

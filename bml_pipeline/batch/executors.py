@@ -158,7 +158,7 @@ class LocalExecutor:
     def run(self, tasks: Sequence[Job]) -> Iterator[tuple[Job, ScanOutcome]]:
         if self.workers == 0:
             for task in tasks:
-                yield task, task.execute(None)
+                yield task, task.execute(parse_devices(_device_of(task))[0])
             return
         queue: list[Job] = list(tasks)
         suspects: list[Job] = []

@@ -40,7 +40,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Dask: run segmentation scans only on workers started with --resources GPU=1")
     parser.add_argument("--schema", default="oai_zib", help="label schema name or YAML file")
     parser.add_argument("--config", metavar="YAML", help="config file whose 'measure' section is used")
-    parser.add_argument("--no-report", action="store_true", help="skip per-scan HTML reports")
+    parser.add_argument("--no-report", action="store_true", help="skip the per-scan and cohort HTML reports")
     parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
 
 
@@ -49,20 +49,28 @@ def _run(args: argparse.Namespace) -> int:
 
     from bml_pipeline.batch import BatchSettings, DaskExecutor, LocalExecutor, load_manifest, run_batch
     from bml_pipeline.errors import InputError
+    from bml_pipeline.labels import load_schema
+    from bml_pipeline.measure import load_measure_config
 
-    if args.workers < 0 or (args.workers == 0 and (args.executor == "dask" or args.scheduler)):
-        raise InputError(None, f"--workers must be at least {0 if args.executor == 'local' else 1}, got {args.workers}")
+    use_dask = args.executor == "dask" or args.scheduler is not None
+    if args.workers < (1 if use_dask else 0):
+        raise InputError(None, f"--workers must be at least {1 if use_dask else 0}, got {args.workers}")
     scans = load_manifest(args.manifest)
+    # Everything a worker needs is checked here, before any work; paths become absolute for remote workers.
+    config_file = str(Path(args.config).resolve()) if args.config else None
+    load_measure_config(config_file)
+    schema = args.schema if Path(args.schema).suffix not in (".yaml", ".yml") else str(Path(args.schema).resolve())
+    load_schema(schema)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(out, "output path exists and is not a folder")
-    if args.executor == "dask" or args.scheduler:
+    if use_dask:
         executor = DaskExecutor(args.scheduler, args.workers, args.threads_per_worker, gpu=args.gpu_resource)
         where = f"Dask scheduler {args.scheduler}" if args.scheduler else f"a local Dask cluster of {args.workers}"
     else:
         executor = LocalExecutor(args.workers, args.threads_per_worker)
         where = f"{args.workers} local worker(s)" if args.workers else "this process"
-    settings = BatchSettings(schema=args.schema, config_file=args.config, model=args.model, device=args.device,
+    settings = BatchSettings(schema=schema, config_file=config_file, model=args.model, device=args.device,
                              report=not args.no_report)
     print(f"batch: {len(scans)} scans from {args.manifest} -> {out} on {where}"
           + (" (resuming)" if args.resume else ""), file=sys.stderr)
