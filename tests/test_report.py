@@ -233,3 +233,15 @@ def test_pdf_is_written(report_pair, tmp_path):
 
     pdf = write_pdf(report_pair[2], tmp_path / "report.pdf")
     assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 50_000
+
+
+def test_label_boxes_match_find_objects():
+    from scipy import ndimage
+
+    from bml_pipeline.report.figures import label_boxes
+
+    labels = knee_labels().array[::2, ::3, ::2]
+    assert label_boxes(labels) == ndimage.find_objects(labels)
+    wide = labels.astype(np.int32)
+    wide[0, 0, 0] = 20  # beyond 16 flag bits
+    assert label_boxes(wide) == ndimage.find_objects(wide)

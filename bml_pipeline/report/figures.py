@@ -77,21 +77,34 @@ class SliceSpec:
 
 
 class Scene:
-    """A run's label map (and image) prepared for rendering: crop box, grey window, cached masks."""
+    """A run's label map (and image) prepared for rendering: per-label boxes (one pass over the map),
+    crop box, grey window, and masks cut to their structures' boxes (cached)."""
 
     def __init__(self, labels: Volume, image: Volume | None, schema: LabelSchema) -> None:
         self.labels, self.image, self.schema = labels, image, schema
-        anatomy = labels.array != schema.background
-        self.box = _grow(bounding_box(anatomy) or tuple(slice(0, n) for n in labels.shape), labels)
+        self._objects = label_boxes(labels.array)  # box of label value v at index v - 1
+        self.box = _grow(self.box_of([v + 1 for v in range(len(self._objects))])
+                         or tuple(slice(0, n) for n in labels.shape), labels)
         self.window = _window(image.array[self.box]) if image is not None else None
         self._centroids: dict[str, np.ndarray | None] = {}
-        self._masks: dict[tuple[int, ...], np.ndarray] = {}
+        self._masks: dict[tuple[int, ...], tuple[tuple[slice, slice, slice], np.ndarray] | None] = {}
 
-    def mask(self, ids: tuple[int, ...] | list[int]) -> np.ndarray:
-        """Boolean mask of the voxels whose label is one of ``ids`` (cached; do not modify it)."""
+    def box_of(self, ids: tuple[int, ...] | list[int]) -> tuple[slice, slice, slice] | None:
+        """Smallest index box holding every voxel labelled one of ``ids``; None when none is."""
+        boxes = [self._objects[i - 1] for i in ids if 0 < i <= len(self._objects) and self._objects[i - 1]]
+        if not boxes:
+            return None
+        return tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes))  # type: ignore[return-value]
+                     for a in range(3))
+
+    def mask(self, ids: tuple[int, ...] | list[int]) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
+        """(box, mask within the box) of the voxels labelled one of ``ids``; the box is the labels' box
+        grown by :data:`MARGIN_MM`. None when no voxel has those labels. Cached: do not modify."""
         key = tuple(sorted(ids))
         if key not in self._masks:
-            self._masks[key] = label_mask(self.labels.array, key)
+            box = self.box_of(key)
+            box = _grow(box, self.labels) if box is not None else None
+            self._masks[key] = (box, label_mask(self.labels.array[box], key)) if box is not None else None
         return self._masks[key]
 
     @property
@@ -103,7 +116,8 @@ class Scene:
         if structure not in self._centroids:
             s = self.schema.by_name(structure)
             ids = self.schema.bone_ids(structure) if s.kind == "bone" else (s.id,)
-            self._centroids[structure] = _centroid(self.mask(ids), self.labels)
+            found = self.mask(ids)
+            self._centroids[structure] = None if found is None else _centroid(*found, self.labels)
         return self._centroids[structure]
 
     def render_slice(self, spec: SliceSpec, point_mm: np.ndarray) -> Panel | None:
@@ -151,7 +165,8 @@ def compartment_specs(scene: Scene, side: str | None) -> list[SliceSpec]:
                   if p in {s.name for s in schema.structures} and scene.centroid(p) is not None), None)
     if plate is None:
         return []
-    points = labels.world_coords(np.argwhere(scene.mask([schema.by_name(plate).id])))
+    box, mask = scene.mask([schema.by_name(plate).id])  # type: ignore[misc]
+    points = labels.world_coords(np.argwhere(mask) + [s.start for s in box])
     split = 0.5 * (points[:, 0].min() + points[:, 0].max())
     halves = {"patient-left": points[points[:, 0] < split], "patient-right": points[points[:, 0] >= split]}
     medial = {"right": "patient-left", "left": "patient-right"}.get(side or "")
@@ -195,16 +210,16 @@ def lesion_maps(scene: Scene, lesions: dict[str, list[Lesion]]) -> list[tuple[st
         lesion = schema.lesion_of(bone)
         if not items or lesion is None:
             continue
-        full = scene.mask(schema.bone_ids(bone))
-        box = bounding_box(full)
-        if box is None:
+        found = scene.mask(schema.bone_ids(bone))
+        if found is None:
             continue
-        box = _grow(box, labels)
+        box, full = found
+        lesion_mask = labels.array[box] == lesion.id
         panels = []
         for view in ("sagittal", "coronal"):
             g = view_geometry(labels.affine, labels.shape, view, box, max_pixels=320)
-            silhouette = extract_projection(full, g)
-            lesion_mip = extract_projection(scene.mask([lesion.id]), g)
+            silhouette = extract_projection(full, g, cropped=True)
+            lesion_mip = extract_projection(lesion_mask, g, cropped=True)
             rgb = np.empty(silhouette.shape + (3,), np.uint8)
             rgb[:] = render.BACKGROUND
             rgb = render.fill(rgb, silhouette, (150, 150, 150), 0.6)
@@ -237,26 +252,28 @@ def thickness_vmax(runs: list[RunData]) -> float:
     return max(1.0, float(np.ceil(max(tops, default=1.0) * 2) / 2))
 
 
-def thickness_map(run: RunData, plate: str, vmax: float) -> Panel | None:
+def thickness_map(run: RunData, plate: str, vmax: float, scene: Scene | None = None) -> Panel | None:
     """Projection of the plate's thickness map (maximum along the plate's normal direction) over its
-    bone's silhouette, coloured 0..``vmax`` mm; None when the run has no map for the plate."""
+    bone's silhouette, coloured 0..``vmax`` mm; None when the run has no map for the plate.
+
+    ``scene`` (the run's labels, on the map's grid) gives the plate's box without scanning the map."""
     volume = run.thickness.get(plate)
     if volume is None:
         return None
-    box = bounding_box(volume.array > 0)
+    on_grid = scene is not None and scene.labels.same_grid(volume)
+    found = scene.mask([scene.schema.by_name(plate).id]) if on_grid and scene is not None else None
+    box = found[0] if found is not None else bounding_box(volume.array > 0)
     if box is None:
         return None
-    box = _grow(box, volume)
+    box = box if found is not None else _grow(box, volume)
     g = view_geometry(volume.affine, volume.shape, THICKNESS_VIEW.get(plate, "axial"), box, max_pixels=360)
     thick = extract_projection(volume.array, g, order=0)
     rgb = np.empty(thick.shape + (3,), np.uint8)
     rgb[:] = render.BACKGROUND
-    if run.labels is not None and run.labels.same_grid(volume):
-        bone = run.schema.by_name(plate).bone
-        if bone:
-            inside = np.zeros(volume.shape, dtype=bool)  # the bone within the view's box only
-            inside[box] = label_mask(run.labels.array[box], run.schema.bone_ids(bone))
-            rgb = render.fill(rgb, extract_projection(inside, g), (120, 120, 120), 0.5)
+    bone = run.schema.by_name(plate).bone
+    if on_grid and scene is not None and bone:
+        inside = label_mask(scene.labels.array[box], run.schema.bone_ids(bone))
+        rgb = render.fill(rgb, extract_projection(inside, g, cropped=True), (120, 120, 120), 0.5)
     covered = thick > 0
     rgb[covered] = render.colormap(thick[covered], vmax)
     direction = "S–I" if g.view == "axial" else "A–P"
@@ -267,6 +284,28 @@ def colour_bar_uri() -> str:
     """The thickness colour scale (viridis), 256 x 12 pixels."""
     strip = render.colormap(np.tile(np.linspace(0, 1, 256), (12, 1)), 1.0)
     return render.png_data_uri(strip)
+
+
+def label_boxes(array: np.ndarray) -> list[tuple[slice, slice, slice] | None]:
+    """Index box of every label value 1..max of a non-negative integer array (None when absent), like
+    ``scipy.ndimage.find_objects`` but in a few vectorized passes when the values fit in 31 bits of
+    flags (far faster on large maps)."""
+    top = int(array.max()) if array.size else 0
+    if top > 31:
+        from scipy import ndimage
+
+        return list(ndimage.find_objects(array))
+    kind = np.uint16 if top < 16 else np.uint32
+    flags = np.left_shift(kind(1), array.astype(kind, copy=False))
+    ij = np.bitwise_or.reduce(flags, axis=2)
+    jk = np.bitwise_or.reduce(flags, axis=0)
+    per_axis = [np.bitwise_or.reduce(ij, axis=1), np.bitwise_or.reduce(ij, axis=0), np.bitwise_or.reduce(jk, axis=0)]
+    boxes: list[tuple[slice, slice, slice] | None] = []
+    for value in range(1, top + 1):
+        hits = [np.flatnonzero(p & kind(1 << value)) for p in per_axis]
+        boxes.append(None if hits[0].size == 0 else
+                     tuple(slice(int(h[0]), int(h[-1]) + 1) for h in hits))  # type: ignore[arg-type]
+    return boxes
 
 
 def label_mask(array: np.ndarray, ids: tuple[int, ...] | list[int]) -> np.ndarray:
@@ -310,9 +349,13 @@ def _window(values: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi if hi > lo else lo + 1)
 
 
-def _centroid(mask: np.ndarray, volume: Volume) -> np.ndarray | None:
-    box = bounding_box(mask)
-    if box is None:
+def _centroid(box: tuple[slice, slice, slice], mask: np.ndarray, volume: Volume) -> np.ndarray | None:
+    """World centroid of ``mask``, a boolean array covering the index ``box`` of ``volume``."""
+    total = int(np.count_nonzero(mask))
+    if total == 0:
         return None
-    ijk = np.argwhere(mask[box]).mean(axis=0) + np.array([s.start for s in box])
-    return volume.world_coords(ijk)
+    ijk = []
+    for axis in range(3):
+        counts = np.count_nonzero(mask, axis=tuple(a for a in range(3) if a != axis))
+        ijk.append(float(np.dot(counts, np.arange(counts.size))) / total + box[axis].start)
+    return volume.world_coords(np.array(ijk))

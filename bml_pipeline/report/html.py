@@ -187,8 +187,8 @@ def _figures(run: RunData, prior: RunData | None) -> dict[str, Any]:
     out["background"] = scene.background
     vmax = figures.thickness_vmax([run] + ([prior] if prior is not None else []))
     plates = [s.name for s in run.schema.of_kind("cartilage")] or list(PLATES)
-    out["thickness"] = [{"plate": plate, "current": figures.thickness_map(run, plate, vmax),
-                         "prior": figures.thickness_map(prior, plate, vmax) if prior is not None else None}
+    out["thickness"] = [{"plate": plate, "current": figures.thickness_map(run, plate, vmax, scene),
+                         "prior": figures.thickness_map(prior, plate, vmax, prior_scene) if prior is not None else None}
                         for plate in plates]
     if any(t["current"] or t["prior"] for t in out["thickness"]):
         out["thickness_vmax"] = vmax

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 
 from bml_pipeline.labels import LabelSchema
-from bml_pipeline.report.figures import label_mask
+from bml_pipeline.report.figures import label_boxes, label_mask
 from bml_pipeline.report.tables import mapping, number, pretty
 from bml_pipeline.report.views import axis_map
-from bml_pipeline.volume import Volume, bounding_box
+from bml_pipeline.volume import Volume
 
 BORDER_NEAR_JOINT_MM = 45.0
 """A bone voxel on the volume border closer than this to the joint centre means the field of view
@@ -61,15 +61,17 @@ def quality_flags(measurements: dict[str, Any], provenance: dict[str, Any], labe
 
 
 def border_flags(labels: Volume, schema: LabelSchema, radius_mm: float = BORDER_NEAR_JOINT_MM) -> list[Flag]:
-    """Bones touching a face of the volume within ``radius_mm`` of the joint centre (the centroid of
-    the cartilage, else of all labels)."""
+    """Bones touching a face of the volume within ``radius_mm`` of the joint centre (the centre of the
+    cartilage's bounding box, else of all labels')."""
     array = labels.array
-    cartilage_ids = [s.id for s in schema.of_kind("cartilage")]
-    joint_mask = label_mask(array, cartilage_ids) if cartilage_ids else array != schema.background
-    box = bounding_box(joint_mask)
-    if box is None:
+    objects = label_boxes(array)
+    ids = [s.id for s in schema.of_kind("cartilage")] or [s.id for s in schema.structures]
+    boxes = [objects[i - 1] for i in ids if 0 < i <= len(objects) and objects[i - 1] is not None]
+    if not boxes:
         return []
-    joint = labels.world_coords(np.argwhere(joint_mask[box]).mean(axis=0) + [s.start for s in box])
+    # The joint centre: the centre of the cartilage's bounding box (precise enough for a radius test).
+    centre = [(min(b[a].start for b in boxes) + max(b[a].stop for b in boxes) - 1) / 2 for a in range(3)]
+    joint = labels.world_coords(np.array(centre))
     world_of, sign_of = axis_map(labels.affine)
     flags = []
     for bone in schema.bones:

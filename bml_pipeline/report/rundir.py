@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bml_pipeline.errors import InputError
 from bml_pipeline.labels import LabelSchema, load_schema
 from bml_pipeline.volume import Volume
@@ -88,8 +86,7 @@ def load_run(run_dir: str | Path, *, with_image: bool = True) -> RunData:
     labels_path = _find_file(run_dir, LABEL_NAMES, _input_paths(provenance, ("labels", "segmentation")))
     if labels_path is not None:
         try:
-            labels = read_labels(labels_path, schema)
-            labels = labels.with_array(np.ascontiguousarray(labels.array))
+            labels = read_labels(labels_path)  # values outside the schema are simply not drawn
         except InputError as exc:
             notes.append(f"label map not shown: {exc}")
     else:
@@ -100,7 +97,6 @@ def load_run(run_dir: str | Path, *, with_image: bool = True) -> RunData:
     if image_path is not None and labels is not None:
         try:
             image = read_volume(image_path)
-            image = image.with_array(np.ascontiguousarray(image.array))
             if not image.same_grid(labels):
                 notes.append("the image and the label map are on different voxel grids; labels are shown alone")
                 image = None

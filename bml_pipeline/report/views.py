@@ -133,10 +133,12 @@ def extract_slice(array: np.ndarray, geometry: ViewGeometry, index: int, order: 
     return _orient_resample(plane, g, order, _plane_axes(g))
 
 
-def extract_projection(array: np.ndarray, geometry: ViewGeometry, order: int = 0) -> np.ndarray:
-    """Maximum of ``array`` along the view's normal axis (within the box), oriented for display."""
+def extract_projection(array: np.ndarray, geometry: ViewGeometry, order: int = 0, cropped: bool = False) -> np.ndarray:
+    """Maximum of ``array`` along the view's normal axis (within the box), oriented for display.
+
+    ``cropped``: ``array`` already is the box's content (a crop of the volume), not the whole volume."""
     g = geometry
-    plane = np.max(array[g.box], axis=g.normal_axis)
+    plane = np.max(array if cropped else array[g.box], axis=g.normal_axis)
     return _orient_resample(plane, g, order, _plane_axes(g))
 
 
