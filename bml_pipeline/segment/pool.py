@@ -3,7 +3,7 @@ pose, images synthesized from them, and patches cropped from a pool of such volu
 
 The pool generator writes ``pool/vol_XXXXX.npz`` (``image`` float16 normalised intensities, ``labels``
 uint8, both indexed (i, j, k) on a RAS-aligned grid of ``working_spacing_mm``) so the trainer never
-waits for synthesis. Intensities come from :mod:`bml_pipeline.synth.image` when it is available.
+waits for synthesis. Intensities come from :mod:`bml_pipeline.synth.image`.
 """
 
 from __future__ import annotations
@@ -92,13 +92,35 @@ def sample_patch(image: np.ndarray, labels: np.ndarray, size: tuple[int, int, in
     return img, lab
 
 
+ACQUISITION_PRESETS = ("dess", "pd_fs", "t2", "t1", "random")
+
+
 def synthesize_training_volume(labels: Volume, spacing_mm: float, rng: np.random.Generator,
                                percentiles: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """One training pair on the working grid: (normalised float16 image, uint8 labels)."""
-    from bml_pipeline.segment.provisional_synth import synthesize
+    """One training pair on the working grid: (normalised float16 image, uint8 labels).
+
+    The label map gets a random pose on the working grid; :func:`bml_pipeline.synth.image.synthesize`
+    makes an image of it with a random contrast preset, SNR and bias field, acquired on that grid or
+    (half the time) with thick slices (1-3.5 mm) along a random axis, mostly the sagittal x axis. A
+    thick-slice image is brought back to the working grid exactly as at inference
+    (:func:`~bml_pipeline.segment.resample.image_to_working_grid`).
+    """
+    from bml_pipeline.segment.resample import image_to_working_grid
+    from bml_pipeline.synth.image import synthesize
 
     work = labels_to_working_grid(labels, spacing_mm, rng, flip_x=True)
-    image = synthesize(np.asarray(work.array), spacing_mm, rng)
+    target = None
+    if rng.random() < 0.5:
+        target = [spacing_mm] * 3
+        axis = 0 if rng.random() < 0.6 else int(rng.integers(3))
+        target[axis] = float(rng.uniform(1.0, 3.5))
+    syn = synthesize(work, preset=str(rng.choice(ACQUISITION_PRESETS)), seed=int(rng.integers(2**31)),
+                     snr=float(rng.uniform(8.0, 40.0)), bias=float(rng.uniform(0.0, 0.4)),
+                     texture=float(rng.uniform(0.02, 0.1)),
+                     target_spacing=None if target is None else tuple(target))
+    image = np.asarray(syn.image.array)
+    if target is not None:
+        image = image_to_working_grid(syn.image, work.shape, work.affine)
     image = percentile_normalise(image, percentiles)
     return image.astype(np.float16), np.asarray(work.array, dtype=np.uint8)
 

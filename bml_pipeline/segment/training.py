@@ -101,6 +101,11 @@ def train(config: TrainConfig, resume: bool = True) -> Path:
         logf.write(json.dumps({"time": time.strftime("%H:%M:%S"), "step": step, **rec}) + "\n")
         logf.flush()
 
+    def save_checkpoint() -> None:
+        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "best": best},
+                   run_dir / "checkpoint.tmp")
+        (run_dir / "checkpoint.tmp").replace(ckpt_path)
+
     def _loop() -> None:
         nonlocal step, best
         pool: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
@@ -142,9 +147,7 @@ def train(config: TrainConfig, resume: bool = True) -> Path:
                 emit(loss=float(np.mean(losses)), sec_per_step=(time.time() - t0) / 50, pool=len(pool))
                 losses, t0 = [], time.time()
             if step % tc.checkpoint_every == 0:
-                torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "best": best},
-                           run_dir / "checkpoint.tmp")
-                (run_dir / "checkpoint.tmp").replace(ckpt_path)
+                save_checkpoint()
             if step % tc.validate_every == 0 and validation:
                 scores = []
                 for image, labels in validation:
@@ -167,6 +170,7 @@ def train(config: TrainConfig, resume: bool = True) -> Path:
         _loop()
     except KeyboardInterrupt:
         log.info("interrupted at step %d", step)
+        save_checkpoint()
     finally:
         (run_dir / "STOP").touch()
         worker.join(timeout=120)
