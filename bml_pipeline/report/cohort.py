@@ -216,7 +216,7 @@ def waterfall_figure(changes: Any, column: str | None, sdc: float | None) -> str
     ax.set_xticks([])
     ax.set_xlabel(f"knees and visit pairs, sorted by change (n={len(order)})")
     ax.set_ylabel("BML volume change (cm³)")
-    ax.set_title("Total BML volume change per knee (orange: growth, blue: shrinkage)", loc="left")
+    ax.set_title("Total BML volume change per knee", loc="left")
     return _png(fig)
 
 

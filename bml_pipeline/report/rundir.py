@@ -147,10 +147,10 @@ def _find_file(run_dir: Path, names: tuple[str, ...], recorded: list[Path]) -> P
     for name in names:
         if (run_dir / name).exists():
             return run_dir / name
-    for path in recorded:
-        path = path if path.is_absolute() else run_dir / path
-        if path.exists():
-            return path
+    for path in recorded:  # relative paths: as the producing command saw them (its cwd), else from run_dir
+        for candidate in ((path,) if path.is_absolute() else (path, run_dir / path)):
+            if candidate.exists():
+                return candidate
     return None
 
 
