@@ -21,7 +21,7 @@ from bml_pipeline.report.quality import border_flags
 from bml_pipeline.report.rundir import load_run
 from bml_pipeline.report.tables import change_rows
 from bml_pipeline.report.views import extract_slice, slice_index, view_geometry
-from bml_pipeline.volume import Volume, VolumeMeta
+from bml_pipeline.volume import Volume
 
 SCHEMA = load_schema("oai_zib")
 SPACING = (0.7, 0.5, 0.5)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from test_report import make_run
 
 from bml_pipeline.report.html import write_scan_report
-from test_report import make_run
 
 pytestmark = pytest.mark.browser
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["write_scan_report", "write_cohort_report"]
+__all__ = ["write_cohort_report", "write_scan_report"]
 
 
 def __getattr__(name: str) -> Any:

@@ -103,7 +103,7 @@ def stats_rows(stats: Any) -> tuple[list[str], list[dict[str, Any]]]:
     if hasattr(stats, "to_dict") and hasattr(stats, "columns"):
         rows = stats.to_dict(orient="records")
     elif isinstance(stats, list):
-        rows = [r if isinstance(r, dict) else getattr(r, "to_dict", lambda: {})() for r in stats]
+        rows = [r if isinstance(r, dict) else getattr(r, "to_dict", dict)() for r in stats]
     elif isinstance(stats, dict):
         if all(isinstance(v, dict) for v in stats.values()):
             rows = [{"measure": k, **v} for k, v in stats.items()]

@@ -16,8 +16,15 @@ from bml_pipeline.labels import LabelSchema
 from bml_pipeline.report import render
 from bml_pipeline.report.rundir import RunData
 from bml_pipeline.report.tables import Lesion, number
-from bml_pipeline.report.views import (ViewGeometry, display_position, extract_projection, extract_slice,
-                                       slice_index, view_geometry, window_box)
+from bml_pipeline.report.views import (
+    ViewGeometry,
+    display_position,
+    extract_projection,
+    extract_slice,
+    slice_index,
+    view_geometry,
+    window_box,
+)
 from bml_pipeline.volume import Volume, bounding_box
 
 log = logging.getLogger(__name__)
@@ -343,7 +350,7 @@ def _grow(box: tuple[slice, slice, slice], volume: Volume) -> tuple[slice, slice
 
 def _window(values: np.ndarray) -> tuple[float, float]:
     """Grey window (0.5th to 99.5th percentile) of an image region, from at most ~1 M samples."""
-    step = max(1, int(round((values.size / 1e6) ** (1 / 3))))
+    step = max(1, round((values.size / 1e6) ** (1 / 3)))
     sample = values[::step, ::step, ::step].astype(np.float32)
     lo, hi = np.percentile(sample, [0.5, 99.5])
     return float(lo), float(hi if hi > lo else lo + 1)

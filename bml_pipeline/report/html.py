@@ -20,9 +20,18 @@ from bml_pipeline.io import atomic_path, write_text_atomic
 from bml_pipeline.report import figures, render
 from bml_pipeline.report.quality import quality_flags
 from bml_pipeline.report.rundir import RunData, load_run, read_json
-from bml_pipeline.report.tables import (PLATES, alignment_rows, bml_rows, cartilage_rows, change_rows,
-                                        lesions_from_labels, lesions_from_measurements, mapping, pretty,
-                                        structure_rows)
+from bml_pipeline.report.tables import (
+    PLATES,
+    alignment_rows,
+    bml_rows,
+    cartilage_rows,
+    change_rows,
+    lesions_from_labels,
+    lesions_from_measurements,
+    mapping,
+    pretty,
+    structure_rows,
+)
 
 log = logging.getLogger(__name__)
 

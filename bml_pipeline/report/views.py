@@ -86,7 +86,7 @@ def view_geometry(affine: np.ndarray, shape: tuple[int, int, int], view: str,
     spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
     extent = [(box[a].stop - box[a].start) * spacing[a] for a in (row_axis, col_axis)]
     pixel = max(min(spacing[row_axis], spacing[col_axis]), max(extent) / max_pixels, min_pixel_mm)
-    out_shape = (max(1, int(round(extent[0] / pixel))), max(1, int(round(extent[1] / pixel))))
+    out_shape = (max(1, round(extent[0] / pixel)), max(1, round(extent[1] / pixel)))
     row_letters, col_letters = _LETTERS[row_world], _LETTERS[col_world]
     top, bottom = (row_letters[1], row_letters[0]) if row_sign < 0 else row_letters
     left, right = (col_letters[1], col_letters[0]) if col_sign < 0 else col_letters
@@ -108,8 +108,8 @@ def window_box(affine: np.ndarray, shape: tuple[int, int, int], view: str, point
     spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
     box = [slice(0, n) for n in shape]
     for axis in (g.row_axis, g.col_axis):
-        count = max(1, int(round(size_mm / spacing[axis])))
-        start = int(round(centre[axis] - count / 2))
+        count = max(1, round(size_mm / spacing[axis]))
+        start = round(centre[axis] - count / 2)
         box[axis] = slice(start, start + count)
     return tuple(box)  # type: ignore[return-value]
 
