@@ -130,4 +130,4 @@ def largest_diameter_mm(mask: np.ndarray, affine: np.ndarray, offset: np.ndarray
     i, j = np.unravel_index(int(np.argmax(dist2)), dist2.shape)
     length = float(np.sqrt(dist2[i, j]))
     direction = diff[i, j] / length
-    return length + float(np.sum(np.abs(direction @ linear)))
+    return length + 0.5 * float(np.sum(np.abs(direction @ linear)))
