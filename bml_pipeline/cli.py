@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         command = getattr(module, "COMMAND", None)
         if command is None:
             continue
-        sp = sub.add_parser(command.name, help=command.help, description=command.help)
+        help_text = command.help.replace("%", "%%")  # argparse %-formats help strings
+        sp = sub.add_parser(command.name, help=help_text, description=help_text)
         command.add_arguments(sp)
         sp.set_defaults(_run=command.run)
     return parser
