@@ -227,12 +227,13 @@ def test_change_direction_and_progression():
     assert from_file[3].direction == "decrease" and from_file[3].worse is False
 
 
-def test_pdf_is_written(report_pair, tmp_path):
+def test_pdf_is_written_with_the_figures(tmp_path):
     pytest.importorskip("weasyprint")
-    from bml_pipeline.report.html import write_pdf
-
-    pdf = write_pdf(report_pair[2], tmp_path / "report.pdf")
-    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 50_000
+    run = make_run(tmp_path, "pdf", image=False)
+    (run / "thickness_mm.nii.gz").unlink()
+    write_scan_report(run, pdf=True)
+    pdf = (run / "report.pdf").read_bytes()
+    assert pdf[:5] == b"%PDF-" and pdf.count(b"/Subtype /Image") >= 5
 
 
 def test_label_boxes_match_find_objects():
