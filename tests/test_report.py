@@ -246,3 +246,28 @@ def test_label_boxes_match_find_objects():
     wide = labels.astype(np.int32)
     wide[0, 0, 0] = 20  # beyond 16 flag bits
     assert label_boxes(wide) == ndimage.find_objects(wide)
+
+
+def test_report_of_the_real_measure_stage_outputs(tmp_path):
+    """Contract with the producers: phantom labels -> synthesized image -> measure -> report."""
+    from bml_pipeline.measure import measure_labels, write_measurements
+    from bml_pipeline.synth.image import synthesize
+    from bml_pipeline.synth.phantom import KneeSpec, make_phantom
+
+    phantom = make_phantom(KneeSpec(side="left"), spacing=(1.2, 1.2, 1.2))
+    image = synthesize(phantom.labels, SCHEMA, seed=1).image
+    run = tmp_path / "run"
+    write_nifti(phantom.labels, run / "labels.nii.gz")
+    write_nifti(image, tmp_path / "image.nii.gz")
+    m = measure_labels(phantom.labels, SCHEMA, side="left", image=image)
+    write_measurements(run, m, {"version": "test", "inputs": {"image": {"path": str(tmp_path / "image.nii.gz")}}})
+    html = write_scan_report(run).read_text(encoding="utf-8")
+    assert "Left knee" in html and "rendering of the labels" not in html
+    for plate in ("Femoral", "Tibial", "Patellar"):  # one thickness map per plate
+        assert f'alt="{plate} cartilage: thickest point along' in html
+    with_lesions = {b: e for b, e in m.to_dict()["bml"].items() if isinstance(e, dict) and e.get("lesions")}
+    assert with_lesions
+    for bone, entry in with_lesions.items():
+        assert f"{bone.capitalize()}: largest BML (#1, {entry['lesions'][0]['volume_cm3']:.3f} cm³)" in html
+    mean = m.to_dict()["cartilage"]["femoral_cartilage"]["thickness_mm"]["mean"]
+    assert f"{mean:.2f}" in html
