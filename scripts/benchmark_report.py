@@ -1,8 +1,8 @@
 """Time the per-scan report on a 512 x 512 x 160 scan and check its size (< 10 MB) and speed (< 10 s).
 
 The scan: a real OAI label map (../shared/data/oai_labels) resampled, nearest neighbour, onto a
-160 x 512 x 512 grid of the same field of view (0.7 x 0.273 x 0.273 mm), an MR-like image made from it
-(a grey level per tissue, blur, bias field and noise: only there to be drawn, not to be realistic), and
+160 x 512 x 512 grid of the same field of view (0.7 x 0.273 x 0.273 mm), a DESS-like image synthesized
+from it (``bml_pipeline.synth.image``, stored as int16 like scanner data), and
 the measure stage's real outputs (measurements.json, provenance, thickness maps). Only
 ``write_scan_report`` is timed; the preparation is reported separately.
 
@@ -47,16 +47,11 @@ def upsampled_labels(path: Path):
 
 
 def mr_like_image(labels, seed: int = 0) -> np.ndarray:
-    """int16 image: tissue grey levels (DESS-like: cartilage and lesions bright), blur, bias, noise."""
-    from scipy import ndimage
+    """An int16 DESS-like image of ``labels`` from the package's synthesizer (scanner-like range)."""
+    from bml_pipeline.synth.image import synthesize
 
-    tone = np.array([25, 70, 190, 75, 185, 70, 190, 160, 160, 160], dtype=np.float32)
-    image = ndimage.gaussian_filter(tone[labels.array], sigma=(0.6, 1.2, 1.2))
-    rng = np.random.default_rng(seed)
-    z = np.linspace(-1, 1, SHAPE[2], dtype=np.float32)
-    image *= (1.0 + 0.25 * z)[None, None, :]
-    image += rng.normal(0, 9, SHAPE).astype(np.float32)
-    return np.clip(image, 0, None).astype(np.int16)
+    image = synthesize(labels, seed=seed).image.array
+    return np.round(image / max(float(image.max()), 1e-6) * 4000).astype(np.int16)
 
 
 def prepare_run(labels_path: Path, run_dir: Path, side: str | None = None) -> float:

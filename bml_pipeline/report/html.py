@@ -160,13 +160,12 @@ def header(run: RunData, include_identifiers: bool) -> dict[str, Any]:
 
 
 def legend(run: RunData) -> list[dict[str, str]]:
-    """Colour legend entries (name, CSS colour, how it is drawn) for the structures in the schema."""
-    items = [{"name": "Bone outline", "colour": render.hex_colour(render.PALETTE["bone"]), "style": "line"}]
+    """Colour legend entries (name, CSS colour) for the structures in the schema."""
+    # The bone outline is drawn near-white over dark images; its swatch is grey to show on white paper.
+    items = [{"name": "Bone outline", "colour": "#9aa3a9"}]
     for s in run.schema.of_kind("cartilage"):
-        items.append({"name": pretty(s.name), "colour": render.hex_colour(render.colour_of(run.schema, s.id)),
-                      "style": "line"})
-    items.append({"name": "Bone marrow lesion (BML)", "colour": render.hex_colour(render.PALETTE["lesion"]),
-                  "style": "line"})
+        items.append({"name": pretty(s.name), "colour": render.hex_colour(render.colour_of(run.schema, s.id))})
+    items.append({"name": "Bone marrow lesion (BML)", "colour": render.hex_colour(render.PALETTE["lesion"])})
     return items
 
 
@@ -229,17 +228,12 @@ def _flat(lesions: dict[str, list[Any]]) -> list[Any]:
 
 
 def _input_path(provenance: dict[str, Any]) -> str | None:
-    inputs = provenance.get("inputs")
-    if isinstance(inputs, dict):
-        for key in ("image", "labels", *inputs):
-            entry = inputs.get(key)
-            path = entry.get("path") if isinstance(entry, dict) else entry
-            if isinstance(path, str) and path:
-                return path
-    if isinstance(inputs, list):
-        for entry in inputs:
-            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-                return entry["path"]
+    """The scan's input as recorded in provenance: the image, else the label map."""
+    inputs = mapping(provenance.get("inputs"))
+    for key in ("image", "labels"):
+        path = mapping(inputs.get(key)).get("path")
+        if isinstance(path, str) and path:
+            return path
     return None
 
 

@@ -2,7 +2,7 @@
 
 Flags come from four places: the side (unknown or inferred), the field of view (a bone touching the
 volume border near the joint), segmentation confidence recorded in provenance, and volumes or
-thicknesses outside plausible adult ranges. Flags the measure stage wrote itself are passed through.
+thicknesses outside plausible adult ranges. Problems met while loading the run are added as notes.
 """
 
 from __future__ import annotations
@@ -52,10 +52,6 @@ def quality_flags(measurements: dict[str, Any], provenance: dict[str, Any], labe
     flags = [*_side_flags(measurements), *_confidence_flags(provenance), *_plausibility_flags(measurements)]
     if labels is not None:
         flags += border_flags(labels, schema)
-    for item in measurements.get("quality_flags", measurements.get("flags", [])) or []:
-        text = item if isinstance(item, str) else mapping(item).get("message") or mapping(item).get("detail")
-        if isinstance(text, str):
-            flags.append(Flag("warning", "Measure stage", text))
     flags += [Flag("note", "Report", note) for note in notes]
     return sorted(flags, key=lambda f: f.level != "warning")
 

@@ -127,19 +127,14 @@ def _dig(data: Any, keys: tuple[str, ...]) -> Any:
 
 
 def _input_paths(provenance: dict[str, Any], kinds: tuple[str, ...]) -> list[Path]:
-    """Paths recorded in provenance ``inputs`` under one of ``kinds`` (a string or {"path": ...})."""
+    """Paths recorded in provenance ``inputs`` (role -> {"path": ...}) under one of ``kinds``."""
     inputs = provenance.get("inputs")
     found: list[Path] = []
-    if isinstance(inputs, dict):
-        for kind in kinds:
-            entry = inputs.get(kind)
-            path = entry.get("path") if isinstance(entry, dict) else entry
-            if isinstance(path, str) and path:
-                found.append(Path(path))
-    elif isinstance(inputs, list):
-        for entry in inputs:
-            if isinstance(entry, dict) and entry.get("kind", entry.get("role")) in kinds and isinstance(entry.get("path"), str):
-                found.append(Path(entry["path"]))
+    for kind in kinds:
+        entry = inputs.get(kind) if isinstance(inputs, dict) else None
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if isinstance(path, str) and path:
+            found.append(Path(path))
     return found
 
 
