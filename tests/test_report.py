@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -271,3 +272,20 @@ def test_report_of_the_real_measure_stage_outputs(tmp_path):
         assert f"{bone.capitalize()}: largest BML (#1, {entry['lesions'][0]['volume_cm3']:.3f} cm³)" in html
     mean = m.to_dict()["cartilage"]["femoral_cartilage"]["thickness_mm"]["mean"]
     assert f"{mean:.2f}" in html
+
+
+def test_change_json_fills_the_table_and_matches_prior_slices(report_pair, tmp_path):
+    prior, current, _ = report_pair
+    shift = np.eye(4)
+    shift[1, 3] = 2.0  # the current visit is the prior one moved 2 mm anterior (see make_run)
+    change = {"baseline": {"labels": str(prior / "labels.nii.gz")},
+              "bml": {"total": {"baseline_cm3": 0.2, "followup_cm3": 0.1, "delta_cm3": -0.1, "delta_percent": -50.0}},
+              "alignment": {b: {"rotation_deg": 0.0, "translation_mm": 2.0, "residual": 0.01, "matrix": shift.tolist()}
+                            for b in ("femur", "tibia", "patella")}}
+    path = tmp_path / "change.json"
+    path.write_text(json.dumps(change))
+    html = render_scan_report(replace(load_run(current), change=change), load_run(prior))
+    assert "Source: change.json" in html and "-50.0" in html
+    assert "matched through the tibia alignment of change.json" in html
+    assert "matched to the" not in html  # every prior slice used the alignment
+    assert write_scan_report(current, prior_dir=prior, change_path=path).read_text(encoding="utf-8") == html
