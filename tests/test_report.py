@@ -304,3 +304,12 @@ def test_side_confidence_and_plausibility_flags():
     assert "95.00 cm³" in flags["Implausible femoral cartilage volume"].detail
     assert len(flags) == 3  # the side's own confidence is not a segmentation confidence
     assert quality_flags(measurements(), {}, None, SCHEMA) == []
+
+
+def test_corrupt_optional_files_become_notes(tmp_path):
+    run = make_run(tmp_path, "corrupt")
+    (run / "thickness_mm.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    (tmp_path / "corrupt_knee_image.nii.gz").write_bytes(b"")
+    html = render_scan_report(load_run(run))
+    assert "thickness map not shown" in html and "image not shown" in html
+    assert "No thickness maps in this run." in html and "rendering of the labels" in html

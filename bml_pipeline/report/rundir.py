@@ -66,13 +66,12 @@ def read_json(path: Path, required: bool) -> dict[str, Any] | None:
 
 
 def load_run(run_dir: str | Path, *, with_image: bool = True) -> RunData:
-    """Load the run directory ``run_dir``.
+    """Load the run directory ``run_dir``. Its volumes are read concurrently (decompression releases
+    the interpreter lock, so several cores help).
 
     Raises:
         InputError: the directory or its ``measurements.json`` is missing or unreadable.
     """
-    from bml_pipeline.io import read_labels, read_volume
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise InputError(run_dir, "run directory not found")
@@ -82,29 +81,48 @@ def load_run(run_dir: str | Path, *, with_image: bool = True) -> RunData:
     notes: list[str] = []
     schema = _schema(provenance, measurements)
 
-    labels = None
     labels_path = _find_file(run_dir, LABEL_NAMES, _input_paths(provenance, ("labels", "segmentation")))
-    if labels_path is not None:
-        try:
-            labels = read_labels(labels_path)  # values outside the schema are simply not drawn
-        except InputError as exc:
-            notes.append(f"label map not shown: {exc}")
-    else:
-        notes.append("no label map found in the run directory or its provenance")
-
-    image = None
     image_path = _find_file(run_dir, IMAGE_NAMES, _input_paths(provenance, ("image",))) if with_image else None
-    if image_path is not None and labels is not None:
-        try:
-            image = read_volume(image_path)
-            if not image.same_grid(labels):
-                notes.append("the image and the label map are on different voxel grids; labels are shown alone")
-                image = None
-        except InputError as exc:
-            notes.append(f"image not shown: {exc}")
+    thickness_files = sorted(p for p in run_dir.glob("*thickness*.nii*") if p.is_file())
+    loaded = _read_volumes({"labels": labels_path, "image": image_path if labels_path else None,
+                            **{str(p): p for p in thickness_files}})
 
-    thickness = _thickness_maps(run_dir, schema, labels, notes)
+    labels = loaded.get("labels")
+    if labels_path is None:
+        notes.append("no label map found in the run directory or its provenance")
+    elif isinstance(labels, InputError):
+        notes.append(f"label map not shown: {labels}")
+        labels = None
+    image = loaded.get("image")
+    if isinstance(image, InputError):
+        notes.append(f"image not shown: {image}")
+        image = None
+    elif image is not None and labels is not None and not image.same_grid(labels):
+        notes.append("the image and the label map are on different voxel grids; labels are shown alone")
+        image = None
+    maps = {str(p): loaded[str(p)] for p in thickness_files}
+    thickness = _thickness_maps(maps, schema, labels, notes)
     return RunData(run_dir, measurements, provenance, schema, labels, image, thickness, change, tuple(notes))
+
+
+def _read_volumes(paths: dict[str, Path | None]) -> dict[str, Volume | InputError]:
+    """Read the given volumes concurrently; the ``labels`` entry as a label map. Bad files give their
+    :class:`InputError` instead of a volume (the report shows it); absent paths are left out."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bml_pipeline.io import read_labels, read_volume
+
+    def read(key: str, path: Path) -> Volume | InputError:
+        try:
+            # Label values outside the schema are simply not drawn; the measure stage checked them.
+            return read_labels(path) if key == "labels" else read_volume(path)
+        except InputError as exc:
+            return exc
+
+    jobs = {key: path for key, path in paths.items() if path is not None}
+    with ThreadPoolExecutor(max_workers=max(1, min(4, len(jobs)))) as pool:
+        futures = {key: pool.submit(read, key, path) for key, path in jobs.items()}
+        return {key: future.result() for key, future in futures.items()}
 
 
 def _schema(provenance: dict[str, Any], measurements: dict[str, Any]) -> LabelSchema:
@@ -149,26 +167,21 @@ def _find_file(run_dir: Path, names: tuple[str, ...], recorded: list[Path]) -> P
     return None
 
 
-def _thickness_maps(run_dir: Path, schema: LabelSchema, labels: Volume | None, notes: list[str]) -> dict[str, Volume]:
-    """Thickness maps ``*thickness*.nii[.gz]`` per plate: a file naming the plate, else one shared file
-    masked by the plate's label."""
-    from bml_pipeline.io import read_volume
-
-    files = sorted(p for p in run_dir.glob("*thickness*.nii*") if p.is_file())
-    maps: dict[str, Volume] = {}
-    shared = None
-    for plate in schema.of_kind("cartilage"):
-        own = [p for p in files if plate.name in p.name]
-        path = own[0] if own else None
-        try:
-            if path is not None:
-                maps[plate.name] = read_volume(path)
-            elif files and labels is not None:
-                generic = [p for p in files if not any(c.name in p.name for c in schema.of_kind("cartilage"))]
-                if generic:
-                    shared = shared or read_volume(generic[0])
-                    if shared.same_grid(labels):
-                        maps[plate.name] = shared.with_array(shared.array * (labels.array == plate.id))
-        except InputError as exc:
-            notes.append(f"thickness map not shown: {exc}")
-    return maps
+def _thickness_maps(maps: dict[str, Volume | InputError], schema: LabelSchema, labels: Volume | None,
+                    notes: list[str]) -> dict[str, Volume]:
+    """Plate -> thickness map, from the run's ``*thickness*.nii[.gz]`` files (path -> volume): a file
+    naming the plate, else one shared file masked by the plate's label."""
+    plates = schema.of_kind("cartilage")
+    for volume in maps.values():
+        if isinstance(volume, InputError):
+            notes.append(f"thickness map not shown: {volume}")
+    good = {path: v for path, v in maps.items() if isinstance(v, Volume)}
+    out: dict[str, Volume] = {}
+    shared = next((v for path, v in good.items() if not any(c.name in Path(path).name for c in plates)), None)
+    for plate in plates:
+        own = next((v for path, v in good.items() if plate.name in Path(path).name), None)
+        if own is not None:
+            out[plate.name] = own
+        elif shared is not None and labels is not None and shared.same_grid(labels):
+            out[plate.name] = shared.with_array(shared.array * (labels.array == plate.id))
+    return out
