@@ -32,7 +32,7 @@ import numpy as np
 from bml_pipeline.labels import LabelSchema, load_schema
 from bml_pipeline.synth import anatomy as A
 from bml_pipeline.synth.raster import rasterize_sparse, rasterize_with_distance
-from bml_pipeline.synth.sdf import Blob, rotation_matrix, transform
+from bml_pipeline.synth.sdf import Blob, rotation_matrix
 from bml_pipeline.volume import Volume, VolumeMeta
 
 log = logging.getLogger(__name__)
@@ -227,15 +227,6 @@ def phantom_grid(spec: KneeSpec, spacing: tuple[float, float, float] = OAI_SPACI
     return tuple(int(n) for n in shape), affine
 
 
-def _world_sdf(local_sdf, world_from_local: np.ndarray):
-    inv = np.linalg.inv(world_from_local)
-    rot, shift = inv[:3, :3], inv[:3, 3]
-
-    def f(p: np.ndarray) -> np.ndarray:
-        return local_sdf(transform(p, rot, shift))
-    return f
-
-
 def _region(shape, affine, lo, hi, what: str) -> tuple[slice, slice, slice]:
     corners = np.array([[(lo[i], hi[i])[c[i]] for i in range(3)] for c in product((0, 1), repeat=3)])
     inv = np.linalg.inv(affine)
@@ -285,6 +276,9 @@ def make_phantom(spec: KneeSpec, shape: tuple[int, int, int] | None = None, affi
     blocks = tuple(int(max(1, round(1.5 / s))) for s in spacing_now)
     check_lesions_inside(spec)
     to_world = spec.world_from_local()
+    # The local SDFs are rasterized on the grid expressed in the knee's frame: an isometry of the world
+    # grid, so distances, fractions and volumes are those of the posed knee.
+    local_affine = np.linalg.inv(to_world) @ affine
     vox_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
     labels = np.zeros(shape, dtype=np.uint16)
     plates = spec.plates()
@@ -296,7 +290,7 @@ def make_phantom(spec: KneeSpec, shape: tuple[int, int, int] | None = None, affi
         plate = A.PLATES[bone]
         lesion_struct = schema.lesion_of(bone)
         region = _region(shape, affine, *local_box_world(spec, bone), bone)
-        f_bone, d_bone = rasterize_with_distance(_world_sdf(A.BONE_SDFS[bone], to_world), shape, affine,
+        f_bone, d_bone = rasterize_with_distance(A.BONE_SDFS[bone], shape, local_affine,
                                                  supersample, region, blocks)
         f_cart = np.zeros_like(f_bone)
         d_cart = np.full_like(d_bone, np.inf)
@@ -304,7 +298,7 @@ def make_phantom(spec: KneeSpec, shape: tuple[int, int, int] | None = None, affi
             lo, hi = shell.local_box()
             sub = _region(shape, affine, *_world_box(lo, hi, to_world), plate)
             local = tuple(slice(s.start - g.start, s.stop - g.start) for s, g in zip(sub, region))
-            f, d = rasterize_with_distance(_world_sdf(shell.sdf, to_world), shape, affine, supersample, sub, blocks)
+            f, d = rasterize_with_distance(shell.sdf, shape, local_affine, supersample, sub, blocks)
             f_cart[local] += f
             d_cart[local] = np.minimum(d_cart[local], d)
         f_les = np.zeros_like(f_bone)
@@ -316,7 +310,7 @@ def make_phantom(spec: KneeSpec, shape: tuple[int, int, int] | None = None, affi
             centre_world = to_world[:3, :3] @ np.asarray(blob.centre) + to_world[:3, 3]
             sub = _region(shape, affine, centre_world - r, centre_world + r, f"{bone} lesion")
             local = tuple(slice(s.start - g.start, s.stop - g.start) for s, g in zip(sub, region))
-            f, d = rasterize_with_distance(_world_sdf(blob.sdf, to_world), shape, affine, supersample, sub, blocks)
+            f, d = rasterize_with_distance(blob.sdf, shape, local_affine, supersample, sub, blocks)
             f_les[local] = np.maximum(f_les[local], f)
             d_les[local] = np.minimum(d_les[local], d)
             volume = blob.volume_mm3() / 1000.0

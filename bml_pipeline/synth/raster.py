@@ -138,7 +138,11 @@ def rasterize_with_distance(sdf: SDF, shape: tuple[int, int, int], affine: np.nd
             inside = np.empty(len(centres), dtype=np.float32)
             per_chunk = max(1, _CHUNK // len(sub_offsets))
             for start in range(0, len(centres), per_chunk):
-                pts = (centres[start:start + per_chunk, None, :] + delta[None, :, :]).reshape(-1, 3)
+                chunk = centres[start:start + per_chunk]
+                pts = np.empty((3, len(chunk), len(delta)))
+                for axis in range(3):
+                    np.add(chunk[:, axis, None], delta[None, :, axis], out=pts[axis])
+                pts = pts.reshape(3, -1).T
                 inside[start:start + per_chunk] = (sdf(pts) < 0).reshape(-1, len(sub_offsets)).mean(axis=1)
             frac[band] = inside
         local = idx - lo
@@ -155,8 +159,9 @@ def _sdf_chunked(sdf: SDF, points: np.ndarray) -> np.ndarray:
 
 
 def _to_world(ijk: np.ndarray, linear: np.ndarray, origin: np.ndarray) -> np.ndarray:
-    """World points of voxel indices, column by column (faster than a (N, 3) @ (3, 3) matmul)."""
-    out = np.empty((len(ijk), 3))
+    """World points of voxel indices, column by column (faster than a (N, 3) @ (3, 3) matmul); the
+    (N, 3) result is column-major, so each coordinate column is contiguous."""
+    out = np.empty((3, len(ijk))).T
     ijk = ijk.astype(np.float64, copy=False)
     for i in range(3):
         out[:, i] = ijk[:, 0] * linear[i, 0] + ijk[:, 1] * linear[i, 1] + ijk[:, 2] * linear[i, 2] + origin[i]

@@ -17,7 +17,7 @@ def transform(p: np.ndarray, matrix: np.ndarray, shift: np.ndarray | None = None
     """``p @ matrix.T + shift`` for (N, 3) points, column by column (numpy's small-matrix matmul is
     many times slower on large N)."""
     m = np.asarray(matrix, float)
-    out = np.empty((len(p), m.shape[0]))
+    out = np.empty((m.shape[0], len(p))).T
     for i in range(m.shape[0]):
         out[:, i] = p[:, 0] * m[i, 0] + p[:, 1] * m[i, 1] + p[:, 2] * m[i, 2]
         if shift is not None:
@@ -27,26 +27,39 @@ def transform(p: np.ndarray, matrix: np.ndarray, shift: np.ndarray | None = None
 
 def norm(v: np.ndarray) -> np.ndarray:
     """Row norms of an (N, 3) array."""
-    return np.sqrt(np.einsum("ij,ij->i", v, v))
+    return np.sqrt(v[:, 0] ** 2 + v[:, 1] ** 2 + v[:, 2] ** 2)
+
+
+def _offset_norm(p: np.ndarray, c, scale=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """``|(p - c) / scale|`` row by row, column-wise (no (N, 3) temporaries)."""
+    total = ((p[:, 0] - c[0]) / scale[0]) ** 2
+    total += ((p[:, 1] - c[1]) / scale[1]) ** 2
+    total += ((p[:, 2] - c[2]) / scale[2]) ** 2
+    return np.sqrt(total)
 
 
 def capsule(p: np.ndarray, a: np.ndarray, b: np.ndarray, radius: float) -> np.ndarray:
     """Exact SDF of the capsule of ``radius`` mm around segment ``a``-``b``."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     ab = b - a
-    h = np.clip(((p - a) @ ab) / float(ab @ ab), 0.0, 1.0)
-    return norm(p - a - h[:, None] * ab) - radius
+    inv = 1.0 / float(ab @ ab)
+    h = (p[:, 0] - a[0]) * (ab[0] * inv) + (p[:, 1] - a[1]) * (ab[1] * inv) + (p[:, 2] - a[2]) * (ab[2] * inv)
+    np.clip(h, 0.0, 1.0, out=h)
+    total = (p[:, 0] - a[0] - h * ab[0]) ** 2
+    total += (p[:, 1] - a[1] - h * ab[1]) ** 2
+    total += (p[:, 2] - a[2] - h * ab[2]) ** 2
+    return np.sqrt(total) - radius
 
 
 def ball(p: np.ndarray, centre: np.ndarray, radius: float) -> np.ndarray:
     """Exact SDF of a ball."""
-    return norm(p - np.asarray(centre, float)) - radius
+    return _offset_norm(p, centre) - radius
 
 
 def ellipsoid(p: np.ndarray, centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
     """SDF bound of an axis-aligned ellipsoid: ``(|(p - c) / radii| - 1) * min(radii)``."""
     radii = np.asarray(radii, float)
-    return (norm((p - np.asarray(centre, float)) / radii) - 1.0) * radii.min()
+    return (_offset_norm(p, centre, radii) - 1.0) * radii.min()
 
 
 def lens_volume(r1: float, r2: float, distance: float) -> float:
