@@ -15,8 +15,10 @@ e.g. Koo et al., Osteoarthritis Cartilage 2009, and of the ray-casting peers, ma
 4. From each triangle's centroid a ray runs along the outward normal of the bone (the gradient of
    ``B`` smoothed with ``normal_sigma_mm``, isotropic in mm, so staircase facets do not tilt the rays)
    until smoothed ``U`` drops below 0.5; the crossing is refined by linear interpolation. The ray's
-   length is the thickness at that point. A ray that leaves through a surface inclined more than
-   ``max_exit_angle_deg`` to it left through the plate's side wall and is not a thickness sample.
+   length is the thickness at that point. Within a ray's length of the footprint's edge, a ray that
+   leaves through a surface inclined more than ``max_exit_angle_deg`` to it left through the plate's
+   side wall and is not a thickness sample (dropping steep exits everywhere would be a biased
+   selection on the voxel staircase of the articular surface).
 5. Interface: triangles whose ray is positive with a cartilage voxel of this plate at its middle,
    then closed morphologically on the bone surface (ball of ``hole_closing_voxels`` x the largest
    voxel size). The closing matters for plates thinner than a voxel: such a plate vanishes from some
@@ -26,6 +28,14 @@ e.g. Koo et al., Osteoarthritis Cartilage 2009, and of the ray-casting peers, ma
 6. Statistics are area-weighted over the interface (each triangle's world area projected onto the
    smooth normal's plane, so staircase facets count with the area they stand for), so no direction
    or anisotropic spacing is favoured.
+
+Convention at the plate's rim: the interface is the bone area covered by *labelled* cartilage (as
+clinical "cAB"-based mean thickness). Where a plate tapers to zero, the last fraction of a millimetre
+thinner than about half a voxel is mostly absent from a binary label map, so a mean over the plate's
+whole mathematical support (which counts that rim with its near-zero thickness) is lower; on the
+synthetic knee (4 mm sin^2 tapers) the labelled area is 85-95 % of the support and the mean 3-10 %
+higher (scripts/validate_volumetry.py, table 5b). Plates with walls (constant thickness to the edge)
+have no such rim and are measured within the tolerances above.
 
 The plain reference (2 x the Euclidean distance transform on the plate's skeleton) is
 :func:`skeleton_edt_thickness`; ``scripts/validate_volumetry.py`` compares both on analytic phantoms.
@@ -137,10 +147,12 @@ def cartilage_thickness(labels: Volume, schema: LabelSchema, plate: str, *, conf
     union_s = ndimage.gaussian_filter(union_f, sigma) if sigma > 0 else union_f
     bone_n = ndimage.gaussian_filter(bone_f, config.normal_sigma_mm / spacing, truncate=3.0)
 
-    # Bone surface near the cartilage only: cubes within 2 voxels of a cartilage voxel touching bone.
+    # Bone surface near the cartilage only: cubes within a box of the closing radius + 2 voxels around
+    # a cartilage voxel touching bone.
     touching = cart & ndimage.binary_dilation(bone, structure=ndimage.generate_binary_structure(3, 1))
     close_r = config.hole_closing_voxels * float(max(spacing))
-    near = ndimage.distance_transform_edt(~touching, sampling=spacing) <= close_r + 2.0 * float(max(spacing))
+    reach = np.ceil((close_r + 2.0 * float(max(spacing))) / spacing).astype(int)
+    near = ndimage.maximum_filter(touching.view(np.uint8), size=tuple(2 * reach + 1)).view(bool)
     from skimage.measure import marching_cubes
 
     try:
@@ -165,17 +177,23 @@ def cartilage_thickness(labels: Volume, schema: LabelSchema, plate: str, *, conf
     step_idx = normals @ inv_linear.T
     length = _ray_lengths(union_s, centroids_idx, step_idx, ok, config.ray_step_mm, config.max_thickness_mm)
     reached = np.nan_to_num(length)
-    # A ray that leaves through a surface steeply inclined to it left through the plate's side (a wall),
-    # not its articular surface: it does not measure the plate's thickness.
-    exit_grad = _gradient_world(union_s, centroids_idx + reached[:, None] * step_idx, inv_linear)
-    exit_cos = -np.einsum("ij,ij->i", exit_grad, normals) / np.maximum(np.linalg.norm(exit_grad, axis=1), 1e-12)
-    measured = np.isfinite(length) & ((reached == 0) | (exit_cos >= np.cos(np.radians(config.max_exit_angle_deg))))
     mid_idx = np.clip(np.rint(centroids_idx + 0.5 * reached[:, None] * step_idx).astype(int), 0, np.array(sub.shape) - 1)
-    seeds = measured & (reached > 0) & cart[mid_idx[:, 0], mid_idx[:, 1], mid_idx[:, 2]]
+    candidates = np.isfinite(length) & (reached > 0) & cart[mid_idx[:, 0], mid_idx[:, 1], mid_idx[:, 2]]
+    # Near the edge of the footprint, a ray that leaves through a surface steeply inclined to it left
+    # through the plate's side wall, not its articular surface: it is not a thickness sample. Away from
+    # the edge no ray is dropped (voxel-staircase facets would make that selection biased).
+    points_world = world_origin + centroids_idx @ linear.T
+    edge = np.flatnonzero(_distance_to(points_world, candidates, ~candidates) < reached + float(max(spacing)))
+    exit_grad = _gradient_world(union_s, centroids_idx[edge] + reached[edge, None] * step_idx[edge], inv_linear)
+    exit_cos = -np.einsum("ij,ij->i", exit_grad, normals[edge]) / np.maximum(np.linalg.norm(exit_grad, axis=1), 1e-12)
+    wall_exit = np.zeros(len(candidates), dtype=bool)
+    wall_exit[edge[exit_cos < np.cos(np.radians(config.max_exit_angle_deg))]] = True
+    measured = np.isfinite(length) & ~wall_exit
+    seeds = candidates & measured
     # Interface = the seeds' footprint with holes up to ~2 voxels closed: where a plate thinner than a
     # voxel vanished from some voxel columns, those columns count with their (zero) thickness, so
     # the mean stays unbiased instead of averaging only the columns that kept a cartilage voxel.
-    keep = _close_on_surface(world_origin + centroids_idx @ linear.T, seeds, close_r) & measured
+    keep = _close_on_surface(points_world, seeds, close_r) & measured
     if region is not None:
         near_idx = np.clip(np.rint(centroids_idx + crop_origin).astype(int), 0, np.array(labels.shape) - 1)
         keep &= np.asarray(region, bool)[near_idx[:, 0], near_idx[:, 1], near_idx[:, 2]]
@@ -185,6 +203,16 @@ def cartilage_thickness(labels: Volume, schema: LabelSchema, plate: str, *, conf
     stats = weighted_stats(thickness, weights) if thickness.size else None
     thickness_map = _thickness_map(labels, box, cart, centroids_idx[keep], step_idx[keep], thickness, weights)
     return ThicknessResult(plate, thickness, points, normals[keep], weights, stats, thickness_map)
+
+
+def _distance_to(points: np.ndarray, query: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Distance (mm) from each ``points[query]`` to the nearest ``points[target]``; inf elsewhere."""
+    from scipy.spatial import cKDTree
+
+    out = np.full(len(points), np.inf)
+    if query.any() and target.any():
+        out[query] = cKDTree(points[target]).query(points[query])[0]
+    return out
 
 
 def _close_on_surface(points: np.ndarray, selected: np.ndarray, radius: float) -> np.ndarray:
@@ -258,7 +286,7 @@ def _thickness_map(labels: Volume, box: tuple[slice, slice, slice], cart: np.nda
     nearest painted voxel. Computed in the crop ``box``, returned on the full grid."""
     out = np.zeros(labels.shape, dtype=np.float32)
     if thickness.size:
-        h = 0.5 * min(labels.spacing)
+        h = 0.75 * min(labels.spacing)
         samples = np.ceil(thickness / h).astype(np.intp)
         ray = np.repeat(np.arange(len(thickness)), samples)
         first = np.cumsum(samples) - samples
