@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labels", type=Path, default=DEFAULT_LABELS, help="label map of the current visit")
     parser.add_argument("--prior", type=Path, default=DEFAULT_PRIOR, help="label map of the prior visit ('' for none)")
-    parser.add_argument("--keep", type=Path, help="write the run directories here instead of a temporary folder")
+    parser.add_argument("--keep", type=Path, help="keep the run directories here (reused when already there)")
     parser.add_argument("--repeat", type=int, default=2, help="timed report runs (the best is judged)")
     args = parser.parse_args(argv)
 
@@ -86,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bml-report-bench-") as tmp:
         root = args.keep or Path(tmp)
         current, prior = root / "current", root / "prior" if str(args.prior) else None
-        prep = prepare_run(args.labels, current)
-        if prior is not None:
-            prep += prepare_run(args.prior, prior)
+        prep = 0.0
+        for labels_path, run_dir in ((args.labels, current), (args.prior, prior)):
+            if run_dir is not None and not (run_dir / "measurements.json").is_file():  # --keep reuses them
+                prep += prepare_run(labels_path, run_dir)
         print(f"prepared {SHAPE[0]} x {SHAPE[1]} x {SHAPE[2]} run directories in {prep:.1f} s (not timed below)")
         load = os.getloadavg()[0]
         results = {}
