@@ -5,13 +5,16 @@ knee, echo 1), plus optional overlay figures and cartilage/BML volumes of the re
         [--overlay-prefix docs/segmentation_dess] [--labels-out runs/dess_labels.nii.gz]
 
 Peak memory is the process's maximum resident set size (``getrusage``), which includes the image, the
-network and every intermediate; on CUDA the peak allocated GPU memory is reported too.
+network and every intermediate; on CUDA the peak allocated GPU memory is reported too. On a shared
+machine wall seconds depend on the load, so the process's CPU seconds and the load average are
+reported with them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import time
@@ -105,7 +108,8 @@ def main() -> None:
     t1 = time.perf_counter()
     labels = predictor.segment(image, tta=args.tta)
     t_seg = time.perf_counter() - t1
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak_mb = usage.ru_maxrss / 1024
     counts = np.bincount(np.asarray(labels.array).ravel(), minlength=10)
     vox_cm3 = labels.voxel_volume_mm3 / 1000
     result = {
@@ -114,6 +118,8 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "seconds_read": round(t_read, 2), "seconds_segment": round(t_seg, 2), "steps": predictor.timings,
         "peak_rss_mb": round(peak_mb, 1),
+        "cpu_seconds_process": round(usage.ru_utime + usage.ru_stime, 1),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "volumes_cm3": {name: round(float(counts[i] * vox_cm3), 3) for i, name in enumerate(
             ["background", "femur", "femoral_cartilage", "tibia", "tibial_cartilage", "patella",
              "patellar_cartilage", "femoral_bml", "tibial_bml", "patellar_bml"]) if i},
