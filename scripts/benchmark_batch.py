@@ -59,6 +59,17 @@ def run_one(name: str, executor, workers: int, manifest: Path, out: Path, report
             "mean_scan_cpu_s": round(sum(cpu) / len(scans), 1), "overhead_s": round(wall - busy / workers, 1)}
 
 
+def _commit() -> str:
+    """The repository's HEAD commit (short), with ``+dirty`` when the working tree has changes."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no")
+                                                   else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--maps", type=int, default=6, help="number of label maps (default 6)")
@@ -67,7 +78,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
 
-    load_before = os.getloadavg()
+    load_before, commit_before = os.getloadavg(), _commit()
     results = []
     with tempfile.TemporaryDirectory(prefix="bml_bench_") as tmp:
         folder = Path(tmp)
@@ -81,15 +92,18 @@ def main() -> None:
                   f"overhead {result['overhead_s']:5.1f} s",
                   flush=True)
             results.append(result)
-        tables = {(folder / f"run{i}" / "cohort.csv").read_bytes() for i in range(len(runs))}
-    identical = len(tables) == 1
+        tables = [(folder / f"run{i}" / "cohort.csv").read_bytes() for i in range(len(runs))]
+    identical = len(set(tables)) == 1
+    differing = [f"{r['executor']} {r['workers']}" for r, t in zip(results, tables) if t != tables[0]]
     info = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python "
                        f"{platform.python_version()}",
             "maps": args.maps, "reports": args.reports, "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()], "cohort_tables_identical": identical,
+            "commit_before": commit_before, "commit_after": _commit(),
             "results": results}
-    print(f"load average before {info['load_average_before']}, after {info['load_average_after']}; "
-          f"cohort.csv identical across executors: {identical}")
+    print(f"load average before {info['load_average_before']}, after {info['load_average_after']}; commit "
+          f"{info['commit_before']} -> {info['commit_after']}; cohort.csv identical across executors: {identical}"
+          + (f" (differs from the first run: {differing})" if differing else ""))
     print("\n| executor | workers | scans | wall (s) | knees/hour | mean s/scan (wall) | mean s/scan (CPU) "
           "| overhead (s) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -99,7 +113,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(info, indent=2) + "\n")
     if not identical:
-        sys.exit("cohort.csv differs between executors")
+        sys.exit("cohort.csv differs between executors (did the code change during the run?)")
 
 
 if __name__ == "__main__":
