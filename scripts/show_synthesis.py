@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_LABELS = REPO.parent / "shared" / "data" / "oai_labels" / "zib_9002430_labels.nii.gz"
+DEFAULT_LABELS = REPO.parent / "shared" / "data" / "oai_labels" / "zib_9002817_labels.nii.gz"
 
 
 def main() -> None:

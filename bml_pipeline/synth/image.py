@@ -2,7 +2,8 @@
 
 Each voxel gets a tissue class: the labelled structures map through the schema (bone -> marrow, with a
 dark cortical rim at the bone surface; cartilage; lesion), and the unlabelled background is filled with
-soft tissue derived from the label geometry: joint fluid close to the cartilage, muscle around the
+soft tissue derived from the label geometry: dark menisci in the joint gap where femoral and tibial
+cartilage come close, joint fluid close to the cartilage, muscle around the
 bones with islands of intermuscular fat, a band of subcutaneous fat under the skin, and air outside the
 leg (the leg's outline is a smoothly perturbed distance from the bones). Each class gets a mean
 intensity (a preset mimicking a clinical contrast, jittered, or random), a smooth multiplicative
@@ -28,22 +29,22 @@ from bml_pipeline.volume import Volume, VolumeMeta
 
 log = logging.getLogger(__name__)
 
-TISSUES = ("air", "muscle", "fat", "fluid", "marrow", "cortex", "cartilage", "lesion")
-AIR, MUSCLE, FAT, FLUID, MARROW, CORTEX, CARTILAGE, LESION = range(len(TISSUES))
+TISSUES = ("air", "muscle", "fat", "fluid", "marrow", "cortex", "cartilage", "lesion", "meniscus")
+AIR, MUSCLE, FAT, FLUID, MARROW, CORTEX, CARTILAGE, LESION, MENISCUS = range(len(TISSUES))
 
 PRESETS: dict[str, dict[str, float]] = {
     # Water-excitation 3D DESS (OAI): cartilage and fluid bright, fatty marrow and fat dark.
     "dess": {"air": 0.0, "muscle": 0.28, "fat": 0.07, "fluid": 0.85, "marrow": 0.13, "cortex": 0.03,
-             "cartilage": 0.55, "lesion": 0.30},
+             "cartilage": 0.55, "lesion": 0.30, "meniscus": 0.05},
     # Intermediate-weighted / proton-density fat-suppressed TSE: BML and fluid bright, marrow dark.
     "pd_fs": {"air": 0.0, "muscle": 0.22, "fat": 0.08, "fluid": 0.95, "marrow": 0.12, "cortex": 0.03,
-              "cartilage": 0.42, "lesion": 0.65},
+              "cartilage": 0.42, "lesion": 0.65, "meniscus": 0.05},
     # T2-weighted TSE without fat suppression: fluid brightest, fatty marrow and fat intermediate-bright.
     "t2": {"air": 0.0, "muscle": 0.18, "fat": 0.55, "fluid": 1.0, "marrow": 0.48, "cortex": 0.03,
-           "cartilage": 0.22, "lesion": 0.78},
+           "cartilage": 0.22, "lesion": 0.78, "meniscus": 0.04},
     # T1-weighted: fat and marrow bright, BML and fluid dark.
     "t1": {"air": 0.0, "muscle": 0.33, "fat": 0.92, "fluid": 0.18, "marrow": 0.82, "cortex": 0.03,
-           "cartilage": 0.42, "lesion": 0.30},
+           "cartilage": 0.42, "lesion": 0.30, "meniscus": 0.08},
 }
 PRESET_NAMES = (*PRESETS, "random")
 
@@ -126,32 +127,48 @@ def synthesize_with(labels: Volume, opts: SynthesisOptions, seed: int = 0,
         params["reposition_world_mm"] = np.round(motion, 9).tolist()
     spacing = labels.spacing
     tissue = _tissue_map(lab, spacing, schema, opts, rng)
-    image = means[tissue]
-    image *= 1.0 + np.float32(opts.texture) * smooth_noise(lab.shape, spacing, 2.0, rng)
+    image = np.take(means, tissue)
+    texture = smooth_noise(lab.shape, spacing, 2.0, rng)
+    texture *= np.float32(opts.texture)
+    texture += np.float32(1.0)
+    image *= texture
+    del texture
     if opts.bias > 0:
-        image *= np.exp(np.float32(opts.bias) * smooth_noise(lab.shape, spacing, 60.0, rng))
+        bias = smooth_noise(lab.shape, spacing, 60.0, rng)
+        bias *= np.float32(opts.bias)
+        np.exp(bias, out=bias)
+        image *= bias
+        del bias
     target = opts.target_spacing or spacing
     image = _psf(image, spacing, target)
     affine = labels.affine
     if opts.target_spacing is not None:
         image, lab, affine = _resample(image, lab, labels.affine, target)
     if opts.snr is not None:
-        sigma = float(image[tissue_foreground(image)].mean()) / opts.snr if image.size else 0.0
-        noise_re = rng.standard_normal(image.shape, dtype=np.float32)
-        noise_im = rng.standard_normal(image.shape, dtype=np.float32)
-        image = np.sqrt((image + np.float32(sigma) * noise_re) ** 2 + (np.float32(sigma) * noise_im) ** 2)
-        params["noise_sigma"] = sigma * 1000.0
-    image = (image * np.float32(1000.0)).astype(np.float32)
+        sigma = np.float32(foreground_mean(image) / opts.snr)
+        real = rng.standard_normal(image.shape, dtype=np.float32)
+        real *= sigma
+        real += image
+        real **= 2
+        imag = rng.standard_normal(image.shape, dtype=np.float32)
+        imag *= sigma
+        imag **= 2
+        real += imag
+        del imag
+        image = np.sqrt(real, out=real)
+        params["noise_sigma"] = float(sigma) * 1000.0
+    image *= np.float32(1000.0)
     meta = VolumeMeta(source=f"synth:{opts.preset}", series_description=f"synthetic {opts.preset}",
                       laterality=labels.meta.laterality)
     out_labels = Volume(lab.astype(labels.array.dtype, copy=False), affine, labels.meta)
     return Synthesis(Volume(image, affine, meta), out_labels, params)
 
 
-def tissue_foreground(image: np.ndarray) -> np.ndarray:
-    """Voxels brighter than 5 % of the 99th percentile (the leg, not the air), on a subsample's scale."""
+def foreground_mean(image: np.ndarray) -> float:
+    """Mean of the voxels brighter than 5 % of the 99th percentile (the leg, not the air), estimated
+    on a regular subsample of about 200 000 voxels."""
     sample = image.ravel()[:: max(1, image.size // 200_000)]
-    return image > 0.05 * float(np.percentile(sample, 99))
+    return float(sample[sample > 0.05 * float(np.percentile(sample, 99))].mean())
 
 
 def _class_means(opts: SynthesisOptions, rng: np.random.Generator) -> np.ndarray:
@@ -173,37 +190,78 @@ def _tissue_map(lab: np.ndarray, spacing: tuple[float, float, float], schema: La
     lut = np.full(max(int(lab.max()), max(schema.ids)) + 1, 255, dtype=np.uint8)
     for s in schema.structures:
         lut[s.id] = _KIND_TISSUE[s.kind]
-    tissue = lut[lab]
-    # Soft tissue on a ~1 mm grid, repeated onto the full grid (the PSF smooths the steps).
+    tissue = np.take(lut, lab)
+    plates = [schema.cartilage_of(b) for b in ("femur", "tibia") if b in {x.name for x in schema.bones}]
+    soft = _soft_tissue(tissue, lab, [p.id for p in plates if p is not None], spacing, rng)
+    tissue = np.where(tissue == 255, soft, tissue)
+    del soft
+    # Cortex: bone voxels less than cortex_mm (at least one voxel) from a non-bone voxel.
+    bone = (tissue == MARROW) | (tissue == LESION)
+    inner = bone.copy()
+    for axis, s in enumerate(spacing):
+        for k in range(1, max(1, int(round(opts.cortex_mm / s))) + 1):
+            lo = [slice(None)] * 3
+            hi = [slice(None)] * 3
+            lo[axis], hi[axis] = slice(0, -k), slice(k, None)
+            inner[tuple(lo)] &= bone[tuple(hi)]
+            inner[tuple(hi)] &= bone[tuple(lo)]
+    cortex = (tissue == MARROW) & ~inner
+    return np.where(cortex, np.uint8(CORTEX), tissue)
+
+
+def _soft_tissue(tissue: np.ndarray, lab: np.ndarray, joint_plates: list[int], spacing: tuple[float, float, float],
+                 rng: np.random.Generator) -> np.ndarray:
+    """Tissue classes for the unlabelled voxels, on the full grid (valid where ``tissue == 255``).
+
+    Distances to the labelled anatomy and to cartilage are computed on a ~2 mm grid, interpolated to a
+    ~1 mm grid where the classes are decided, and the classes are repeated onto the full grid."""
+    from scipy import ndimage
+
     factors = tuple(max(1, int(round(1.0 / s))) for s in spacing)
-    small = tissue[tuple(slice(0, None, f) for f in factors)]
+    small_shape = tuple(-(-n // f) for n, f in zip(tissue.shape, factors))
     small_spacing = tuple(s * f for s, f in zip(spacing, factors))
-    labelled = small != 255
-    cartilage = small == CARTILAGE
-    d_any = ndimage.distance_transform_edt(~labelled, sampling=small_spacing) if labelled.any() else \
-        np.full(small.shape, np.inf)
-    d_cart = ndimage.distance_transform_edt(~cartilage, sampling=small_spacing) if cartilage.any() else \
-        np.full(small.shape, np.inf)
-    body = 30.0 + 9.0 * smooth_noise(small.shape, small_spacing, 40.0, rng)
-    fat_band = 6.0 + 2.5 * smooth_noise(small.shape, small_spacing, 25.0, rng)
-    fluid_width = np.clip(1.2 + 1.2 * smooth_noise(small.shape, small_spacing, 10.0, rng), 0.0, None)
-    islands = smooth_noise(small.shape, small_spacing, 8.0, rng)
-    soft = np.full(small.shape, MUSCLE, dtype=np.uint8)
+    step = tuple(slice(0, None, 2 * f) for f in factors)
+    coarse = tissue[step]
+    coarse_lab = lab[step]
+    coarse_spacing = tuple(2 * s for s in small_spacing)
+    masks = [coarse != 255, coarse == CARTILAGE] + [coarse_lab == i for i in joint_plates]
+    distances = []
+    for mask in masks:
+        d = ndimage.distance_transform_edt(~mask, sampling=coarse_spacing) if mask.any() else \
+            np.full(coarse.shape, 1e3)
+        distances.append(upsample_linear(d.astype(np.float32), small_shape, 2))
+    d_any, d_cart = distances[:2]
+    body = 30.0 + 9.0 * smooth_noise(small_shape, small_spacing, 40.0, rng)
+    fat_band = 6.0 + 2.5 * smooth_noise(small_shape, small_spacing, 25.0, rng)
+    fluid_width = 1.2 + 1.2 * smooth_noise(small_shape, small_spacing, 10.0, rng)
+    islands = smooth_noise(small_shape, small_spacing, 8.0, rng)
+    soft = np.full(small_shape, MUSCLE, dtype=np.uint8)
     soft[islands > 1.3] = FAT
     soft[d_any > body - fat_band] = FAT
     soft[d_any > body] = AIR
     soft[(d_cart < fluid_width) & (d_any < 4.0)] = FLUID
+    if len(distances) == 4:  # menisci: wedges between the femoral and tibial plates
+        soft[(distances[2] + distances[3] < 7.0) & (d_any > 0.5)] = MENISCUS
     for axis, f in enumerate(factors):
-        soft = np.repeat(soft, f, axis=axis)
-    soft = soft[tuple(slice(0, n) for n in lab.shape)]
-    unlabelled = tissue == 255
-    tissue[unlabelled] = soft[unlabelled]
-    # Cortex: bone voxels within cortex_mm of a non-bone voxel (separable box filter per axis).
-    bone = (tissue == MARROW) | (tissue == LESION)
-    sizes = tuple(2 * max(1, int(round(opts.cortex_mm / s))) + 1 if opts.cortex_mm >= s / 2 else 1 for s in spacing)
-    share = ndimage.uniform_filter(bone.astype(np.float32), size=sizes, mode="nearest")
-    tissue[(tissue == MARROW) & (share < 0.999)] = CORTEX
-    return tissue
+        if f > 1:
+            soft = np.repeat(soft, f, axis=axis)
+    return soft[tuple(slice(0, n) for n in tissue.shape)]
+
+
+def upsample_linear(coarse: np.ndarray, shape: tuple[int, ...], factor: int) -> np.ndarray:
+    """Separable linear interpolation of a grid sampled every ``factor`` voxels of ``shape``."""
+    out = coarse
+    for axis, n in enumerate(shape):
+        x = np.arange(n) / factor
+        j0 = np.clip(np.floor(x).astype(int), 0, coarse.shape[axis] - 1)
+        j1 = np.minimum(j0 + 1, coarse.shape[axis] - 1)
+        w = (x - j0).astype(np.float32)
+        a = np.take(out, j0, axis=axis)
+        b = np.take(out, j1, axis=axis)
+        shape_w = [1] * out.ndim
+        shape_w[axis] = n
+        out = a + (b - a) * w.reshape(shape_w)
+    return out
 
 
 def _psf(image: np.ndarray, spacing: tuple[float, float, float], target: tuple[float, float, float]) -> np.ndarray:
