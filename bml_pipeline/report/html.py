@@ -87,9 +87,11 @@ def write_scan_report(run_dir: str | Path, *, prior_dir: str | Path | None = Non
     html = render_scan_report(run, prior, include_identifiers=include_identifiers)
     target = run.run_dir / REPORT_NAME
     write_text_atomic(target, html)
-    if pdf:
-        write_pdf(html, run.run_dir / PDF_NAME)
     log.info("wrote %s (%.1f MB) in %.1f s", target, target.stat().st_size / 1e6, time.perf_counter() - started)
+    if pdf:
+        started = time.perf_counter()
+        write_pdf(html, run.run_dir / PDF_NAME)
+        log.info("wrote %s in %.1f s", run.run_dir / PDF_NAME, time.perf_counter() - started)
     return target
 
 
