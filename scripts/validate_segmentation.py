@@ -63,7 +63,7 @@ def main() -> None:
     from bml_pipeline.segment.metrics import dice_per_label
     from bml_pipeline.segment.predictor import Predictor
     from bml_pipeline.segment.training import split_label_maps
-    from bml_pipeline.synth.image import synthesize_image
+    from bml_pipeline.synth.image import synthesize
 
     torch.set_num_threads(args.threads)
     config = load_train_config(args.config)
@@ -78,7 +78,7 @@ def main() -> None:
         truth_arr = np.asarray(truth.array)
         voxel_cm3 = truth.voxel_volume_mm3 / 1000
         for p, preset in enumerate(args.presets):
-            image = synthesize_image(truth, preset=preset, seed=args.seed + 100 * m + p)
+            image = synthesize(truth, preset=preset, seed=args.seed + 100 * m + p).image
             t0 = time.perf_counter()
             pred = np.asarray(predictor.segment(image, tta=args.tta).array)
             seconds = time.perf_counter() - t0
