@@ -264,3 +264,21 @@ def test_info_reports_labels_and_version(tmp_path: Path, capsys) -> None:
         main(["--version"])
     assert exit_info.value.code == 0
     assert "bml-pipeline" in capsys.readouterr().out
+
+
+def test_atomic_writes_leave_no_temporary_files_and_usual_permissions(tmp_path: Path) -> None:
+    from bml_pipeline.io import atomic_path, write_text_atomic
+
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "b.nii.gz") as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
