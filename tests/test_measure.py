@@ -217,3 +217,23 @@ def test_real_map_subregions_follow_the_side(oai_labels_dir) -> None:
         assert tib.mean_in(lateral) is not None
         sub = m.to_dict()["cartilage"]["femoral_cartilage"]["subregions"]
         assert all(1.0 < v["thickness_mean_mm"] < 4.0 for v in sub.values())
+
+
+@pytest.mark.slow
+def test_real_map_measurements_are_byte_identical_between_runs(oai_labels_dir) -> None:
+    labels = read_labels(oai_labels_dir / "zib_9002817_labels.nii.gz", SCHEMA)
+    first, second = (measure_labels(labels, SCHEMA).to_json() for _ in range(2))
+    assert first == second
+
+
+@pytest.mark.slow
+def test_every_real_map_is_measured_as_a_right_knee_with_plausible_numbers(oai_labels_dir) -> None:
+    for path in sorted(oai_labels_dir.glob("*_labels.nii.gz")):
+        m = measure_labels(read_labels(path, SCHEMA), SCHEMA).to_dict()
+        assert (m["side"], m["side_source"]) == ("right", "anatomy"), path.name
+        for plate in ("femoral_cartilage", "tibial_cartilage", "patellar_cartilage"):
+            assert 1.0 < m["cartilage"][plate]["thickness_mm"]["mean"] < 4.5, (path.name, plate)
+        for bone in ("femur", "tibia", "patella"):
+            entry = m["bml"][bone]
+            in_regions = sum(v["volume_cm3"] for v in entry["subregions"].values())
+            assert in_regions + entry["outside_subregions_cm3"] == pytest.approx(entry["volume_cm3"], abs=1e-5)
