@@ -49,14 +49,14 @@ def main() -> None:
     labels = read_labels(args.labels, schema)
     for preset in ("dess", "pd_fs", "t2", "t1", "random"):
         rows.append((f"synthesize {preset}, {'x'.join(map(str, labels.shape))} (same grid)",
-                     *_time(lambda: synthesize(labels, schema, preset, seed=0), args.repeat)))
+                     *_time(lambda p=preset: synthesize(labels, schema, p, seed=0), args.repeat)))
     rows.append(("synthesize dess -> 1.5 x 0.3646 x 0.3646 mm grid",
                  *_time(lambda: synthesize(labels, schema, "dess", seed=0, target_spacing=(1.5, 0.3646, 0.3646)),
                         args.repeat)))
     centre = tuple(n // 2 for n in labels.shape)
     rows.append(("synthesize_patch dess, 96x160x160 patch",
                  *_time(lambda: synthesize_patch(labels, centre, (96, 160, 160), schema, seed=0), args.repeat)))
-    print(f"| task | wall s | CPU s |\n| --- | ---: | ---: |")
+    print("| task | wall s | CPU s |\n| --- | ---: | ---: |")
     for name, wall, cpu in rows:
         print(f"| {name} | {wall:.2f} | {cpu:.2f} |")
 

@@ -7,7 +7,14 @@ import pytest
 
 from bml_pipeline.labels import load_schema
 from bml_pipeline.synth import anatomy as A
-from bml_pipeline.synth.phantom import KneeSpec, Lesion, Pose, integrate_volume_mm3, make_phantom, phantom_grid
+from bml_pipeline.synth.phantom import (
+    KneeSpec,
+    Lesion,
+    Pose,
+    integrate_volume_mm3,
+    make_phantom,
+    phantom_grid,
+)
 from bml_pipeline.synth.raster import rasterize, rasterize_sparse
 from bml_pipeline.synth.sdf import Blob, rotation_matrix
 
@@ -66,8 +73,6 @@ def test_femur_reference_volume_rederived():
 @pytest.mark.parametrize("plate", sorted(A.PLATES.values()))
 def test_cartilage_volume_formula_agrees_with_numerical_integration(plate):
     shells = A.plates(A.Thickness())[plate]
-    bone = next(b for b, p in A.PLATES.items() if p == plate)
-    lo, hi = A.LOCAL_BOXES[bone]
     numeric = 0.0
     for shell in shells:
         numeric += integrate_volume_mm3(shell.sdf, *shell.local_box(), 0.3, 3)
@@ -116,7 +121,7 @@ def test_left_knee_is_the_mirror_image():
 def test_thickness_truth_scales_exactly():
     base = A.plates(A.Thickness())["femoral_cartilage"]
     grown = A.plates(A.Thickness(), {"femoral_cartilage": 1.024})["femoral_cartilage"]
-    mean = lambda shells: sum(s.truth()["mean_thickness_mm"] * s.truth()["area_mm2"] for s in shells) / sum(  # noqa: E731
+    mean = lambda shells: sum(s.truth()["mean_thickness_mm"] * s.truth()["area_mm2"] for s in shells) / sum(
         s.truth()["area_mm2"] for s in shells)
     assert mean(grown) / mean(base) == pytest.approx(1.024, rel=1e-9)
     const = A.plates(A.Thickness(variation=0.0))["patellar_cartilage"][0]

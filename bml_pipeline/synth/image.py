@@ -185,7 +185,6 @@ def _class_means(opts: SynthesisOptions, rng: np.random.Generator) -> np.ndarray
 def _tissue_map(lab: np.ndarray, spacing: tuple[float, float, float], schema: LabelSchema,
                 opts: SynthesisOptions, rng: np.random.Generator) -> np.ndarray:
     """uint8 tissue class per voxel (indices into :data:`TISSUES`)."""
-    from scipy import ndimage
 
     lut = np.full(max(int(lab.max()), max(schema.ids)) + 1, 255, dtype=np.uint8)
     for s in schema.structures:

@@ -60,7 +60,7 @@ class Pose:
         return m
 
     @staticmethod
-    def random(rng: np.random.Generator, max_rotation_deg: float = 10.0, max_translation_mm: float = 5.0) -> "Pose":
+    def random(rng: np.random.Generator, max_rotation_deg: float = 10.0, max_translation_mm: float = 5.0) -> Pose:
         """A pose with rotations and translations uniform in +-the given limits."""
         return Pose(tuple(float(v) for v in rng.uniform(-max_rotation_deg, max_rotation_deg, 3)),
                     tuple(float(v) for v in rng.uniform(-max_translation_mm, max_translation_mm, 3)))

@@ -51,7 +51,7 @@ class Shell:
     taper_mm: float = 4.0
     scale: float = 1.0
 
-    def scaled(self, factor: float) -> "Shell":
+    def scaled(self, factor: float) -> Shell:
         """The same plate with every thickness multiplied by ``factor``."""
         return replace(self, scale=self.scale * factor)
 
@@ -87,7 +87,7 @@ class Shell:
     def _lipschitz(self) -> float:
         """Bound on |grad (height - t)|: sqrt(1 + g^2), g the steepest thickness slope per mm on the
         base surface (slopes only shrink farther out, where arc lengths grow)."""
-        t, da, _, _ = self._quad
+        t = self._quad[0]
         gu, gv = self._slopes(t)
         return float(np.sqrt(1.0 + (np.hypot(gu, gv).max() * 1.02) ** 2))
 
