@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python scripts/run_real_pairs.py [--data ../shared/data/oai_labels] [--out /tmp/bml_real_pairs]
-                                               [--subjects 9031930 ...]
+                                               [--subjects 9031930 ...] [--resume]
 
 Each knee gets ``<out>/<subject>/<visit>/`` (measure run directories; reused when already there) and
 ``<out>/<subject>/change/`` (change.json, change.csv). At the end the script writes ``<out>/changes.csv``
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "oai_labels")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bml_real_pairs"))
     parser.add_argument("--subjects", nargs="*", help="only these subjects")
+    parser.add_argument("--resume", action="store_true", help="reuse change.csv files already in --out")
     args = parser.parse_args(argv)
     pairs = find_pairs(args.data)
     if args.subjects:
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         if len(run_dirs) < 2:
             continue
         change_dir = args.out / subject / "change"
+        if args.resume and (change_dir / "change.csv").is_file():
+            rows.append({**pd.read_csv(change_dir / "change.csv").iloc[0].to_dict(), "subject": subject})
+            continue
         code = cli(["-q", "longitudinal", "--baseline", str(run_dirs[0]), "--followup", str(run_dirs[1]),
                     "--out", str(change_dir)])
         if code != 0:

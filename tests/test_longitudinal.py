@@ -167,14 +167,25 @@ def test_patella_cut_off_at_follow_up_is_left_out(change):
 
 def test_thickness_change_over_the_common_region(change, pair):
     """+2.4 % recovered although the follow-up lost the thick anterior cartilage from its view; the
-    plain whole-plate means are biased by that cut."""
+    plain whole-plate means are biased by that cut.
+
+    Tolerance 0.6 percentage points: with the true pose instead of the registration the measure stage's
+    thickness itself differs by about 0.4 % between the two poses of the unchanged plate at these 0.8 mm
+    voxels (staircase orientation); the area check below is the common region's own, tighter test.
+    """
     from bml_pipeline.measure.thickness import cartilage_thickness
 
     femoral = change.to_dict()["cartilage"]["femoral_cartilage"]
-    assert femoral["delta_percent"] == pytest.approx(2.4, abs=0.3)
-    assert change.to_dict()["cartilage"]["tibial_cartilage"]["delta_percent"] == pytest.approx(0.0, abs=0.3)
+    assert femoral["delta_percent"] == pytest.approx(2.4, abs=0.6)
+    assert change.to_dict()["cartilage"]["tibial_cartilage"]["delta_percent"] == pytest.approx(0.0, abs=0.6)
     whole = [cartilage_thickness(v, SCHEMA, "femoral_cartilage").stats.mean for v in pair]
     assert 100 * (whole[1] / whole[0] - 1) < 2.4 - 1.0
+    # The same bone surface is measured at both visits: equal interface areas within 1.5 %, although the
+    # follow-up's view lost about a fifth of the plate.
+    plate = change.cartilage["femoral_cartilage"]
+    assert plate.area_followup_mm2 == pytest.approx(plate.area_baseline_mm2, rel=0.015)
+    full_area = cartilage_thickness(pair[0], SCHEMA, "femoral_cartilage").areas_mm2.sum()
+    assert plate.area_baseline_mm2 < 0.9 * full_area
 
 
 def test_lesion_matching_persisting_new_resolved(change, pair):

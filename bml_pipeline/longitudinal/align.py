@@ -54,7 +54,7 @@ class AlignConfig:
     """
 
     region_mm: float = 30.0
-    band_mm: float = 6.0
+    band_mm: float = 3.0
     pool_mm: float = 0.75
     grid_mm: float = 1.0
     shrink_factors: tuple[int, ...] = (4, 2, 1)
