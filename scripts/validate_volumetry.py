@@ -22,7 +22,7 @@ import numpy as np
 from bml_pipeline.labels import load_schema
 from bml_pipeline.measure import cartilage_thickness, measure_labels, skeleton_edt_thickness
 from bml_pipeline.measure.lesions import find_lesions
-from bml_pipeline.synth.plates import CARTILAGE, cylinder_plate, flat_plate, lesion_block, sphere_plate
+from bml_pipeline.synth.plates import CARTILAGE, cylinder_plate, flat_plate, lesion_block, rotation_matrix, sphere_plate
 
 SCHEMA = load_schema("oai_zib")
 SPACINGS = {"0.365x0.365x0.7": (0.365, 0.365, 0.7), "0.3125x0.3125x1.5": (0.3125, 0.3125, 1.5)}
@@ -82,14 +82,20 @@ def other_plates(quick: bool) -> None:
 
 def thickening(quick: bool) -> None:
     rows = []
+    angle_sets = ANGLES[1:2] if quick else ANGLES + [(45, 10, 70), (-25, 50, 15)]
     for name, spacing in SPACINGS.items():
-        for angles in (ANGLES[1:2] if quick else ANGLES[:2]):
+        changes = []
+        for angles in angle_sets:
             base = flat_plate(2.0, spacing, angles_deg=angles, offset_mm=OFFSET)
             grown = flat_plate(2.048, spacing, angles_deg=angles, offset_mm=OFFSET)
             (o0, r0), (o1, r1) = ours_and_reference(base), ours_and_reference(grown)
-            rows.append([name, str(angles), f"{100 * (o1 / o0 - 1):+.2f}", f"{100 * (r1 / r0 - 1):+.2f}"])
-    table("3. Thickening 2.000 -> 2.048 mm (+2.40 %; requirement 2.4 +- 0.3 %)",
-          ["spacing (mm)", "angles (deg)", "ours (%)", "2xEDT (%)"], rows)
+            changes.append(100 * (o1 / o0 - 1))
+            tilt = np.degrees(np.arccos(abs(rotation_matrix(angles)[2, 2])))
+            rows.append([name, str(angles), f"{tilt:.0f}", f"{changes[-1]:+.2f}", f"{100 * (r1 / r0 - 1):+.2f}"])
+        rows.append([name, "mean over angles", "", f"{np.mean(changes):+.2f}", ""])
+    table("3. Thickening 2.000 -> 2.048 mm (+2.40 %; requirement 2.4 +- 0.3 %); tilt = angle between the\n"
+          "   plate normal and the slice axis (small tilt at 1.5 mm slices = large voxel steps, most aliasing)",
+          ["spacing (mm)", "angles (deg)", "tilt", "ours (%)", "2xEDT (%)"], rows)
 
 
 def lesions(quick: bool) -> None:

@@ -25,7 +25,7 @@ from bml_pipeline.measure.side import SideEstimate, estimate_side
 from bml_pipeline.measure.subregions import BONE_REGIONS, CARTILAGE_REGIONS, SubregionModel, build_subregions
 from bml_pipeline.measure.thickness import ThicknessResult, cartilage_thickness
 from bml_pipeline.measure.volumes import MM3_PER_CM3, check_label_values, structure_volumes
-from bml_pipeline.volume import Volume, bounding_box
+from bml_pipeline.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -198,12 +198,9 @@ def _bone_bml(labels: Volume, schema: LabelSchema, bone: str, found: LesionSet,
     names = BONE_REGIONS[bone]
     lut = np.zeros(max(schema.ids) + 1, dtype=bool)
     lut[list(schema.bone_ids(bone))] = True
-    full = lut[labels.array]
-    box = bounding_box(full)
-    assert box is not None  # the bone is present
-    region = model.classify_grid(bone, labels.affine, box)
-    bone_counts = np.bincount(region[full[box] & (region >= 0)], minlength=len(names))
-    lesion_region = region[found.mask[box]]
+    bone_region = model.classify_voxels(bone, labels.affine, np.nonzero(lut[labels.array]))
+    bone_counts = np.bincount(bone_region[bone_region >= 0], minlength=len(names))
+    lesion_region = model.classify_voxels(bone, labels.affine, np.nonzero(found.mask))
     lesion_counts = np.bincount(lesion_region[lesion_region >= 0], minlength=len(names))
     entry["outside_subregions_cm3"] = float(np.count_nonzero(lesion_region < 0) * voxel_mm3 / MM3_PER_CM3)
     for i, name in enumerate(names):

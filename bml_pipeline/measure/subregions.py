@@ -77,21 +77,23 @@ class SubregionModel:
         lat, ap, si = self.frame_coords(points).T
         return self._classify(bone, lat, ap, si, clip_height)
 
-    def classify_grid(self, bone: str, affine: np.ndarray, box: tuple[slice, slice, slice]) -> np.ndarray:
-        """:meth:`classify` of every voxel centre of the index box ``box`` of a grid with ``affine``,
-        as an int8 array of the box's shape (frame coordinates are separable per array axis, so this
-        costs a few array passes instead of a matrix product per voxel)."""
-        if bone not in self.bounds:
-            return np.full(tuple(s.stop - s.start for s in box), -1, dtype=np.int8)
+    def classify_voxels(self, bone: str, affine: np.ndarray, ijk: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+        """:meth:`classify` of the voxel centres with integer indices ``ijk`` (as from ``np.nonzero``) on
+        a grid with ``affine``. Frame coordinates are separable per array axis, so each is a sum of
+        three small lookups instead of a matrix product per voxel."""
+        if bone not in self.bounds or len(ijk[0]) == 0:
+            return np.full(len(ijk[0]), -1, dtype=np.int8)
         m = self.axes.matrix * np.array([[self.lateral_sign], [1.0], [1.0]])
-        per_axis = m @ np.asarray(affine, dtype=np.float64)[:3, :3]  # (frame coord, array axis)
-        const = m @ (np.asarray(affine, dtype=np.float64)[:3, 3] - self.axes.origin)
-        ranges = [np.arange(s.start, s.stop, dtype=np.float64) for s in box]
+        affine = np.asarray(affine, dtype=np.float64)
+        per_axis = m @ affine[:3, :3]  # (frame coordinate, array axis)
+        const = m @ (affine[:3, 3] - self.axes.origin)
         coords = []
         for c in range(3):
-            parts = [(per_axis[c, a] * ranges[a]).astype(np.float32) for a in range(3)]
-            coords.append(parts[0][:, None, None] + parts[1][None, :, None] + parts[2][None, None, :]
-                          + np.float32(const[c]))
+            total = np.full(len(ijk[0]), const[c], dtype=np.float32)
+            for a in range(3):
+                lookup = (per_axis[c, a] * np.arange(int(ijk[a].max()) + 1)).astype(np.float32)
+                total += lookup[ijk[a]]
+            coords.append(total)
         return self._classify(bone, *coords, clip_height=True)
 
     def _classify(self, bone: str, lat: np.ndarray, ap: np.ndarray, si: np.ndarray, clip_height: bool) -> np.ndarray:
