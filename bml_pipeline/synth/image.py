@@ -7,7 +7,8 @@ cartilage come close, joint fluid close to the cartilage, muscle around the
 bones with islands of intermuscular fat, a band of subcutaneous fat under the skin, and air outside the
 leg (the leg's outline is a smoothly perturbed distance from the bones). Each class gets a mean
 intensity (a preset mimicking a clinical contrast, jittered, or random), a smooth multiplicative
-texture, a smooth multiplicative bias field, a point spread function, optional resampling to an
+texture and a smooth multiplicative bias field (both in one log-field, interpolated once), a point
+spread function, optional resampling to an
 acquisition grid with thick slices, and Rician noise at a chosen SNR.
 
 Everything random comes from one ``numpy.random.Generator`` seeded by ``seed``: the same inputs give
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from bml_pipeline.labels import LabelSchema, load_schema
-from bml_pipeline.synth.fields import smooth_noise
+from bml_pipeline.synth.fields import smooth_log_field, smooth_noise
 from bml_pipeline.synth.sdf import rotation_matrix
 from bml_pipeline.volume import Volume, VolumeMeta
 
@@ -128,17 +129,8 @@ def synthesize_with(labels: Volume, opts: SynthesisOptions, seed: int = 0,
     spacing = labels.spacing
     tissue = _tissue_map(lab, spacing, schema, opts, rng)
     image = np.take(means, tissue)
-    texture = smooth_noise(lab.shape, spacing, 2.0, rng)
-    texture *= np.float32(opts.texture)
-    texture += np.float32(1.0)
-    image *= texture
-    del texture
-    if opts.bias > 0:
-        bias = smooth_noise(lab.shape, spacing, 60.0, rng)
-        bias *= np.float32(opts.bias)
-        np.exp(bias, out=bias)
-        image *= bias
-        del bias
+    # Texture (2 mm, log-normal: exp(a n) ~ 1 + a n) and bias field (60 mm) in one multiplicative field.
+    image *= smooth_log_field(lab.shape, spacing, [(2.0, opts.texture), (60.0, opts.bias)], rng)
     target = opts.target_spacing or spacing
     image = _psf(image, spacing, target)
     affine = labels.affine

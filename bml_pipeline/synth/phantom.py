@@ -156,6 +156,16 @@ class KneeSpec:
         return A.plates(self.thickness, dict(self.thickness_scale))
 
 
+TRUTH_DEFINITIONS = {
+    "reference_cm3": "exact volume of the analytic shape (closed form, surface quadrature, or a fine numerical "
+                     "integration where the bone is a smooth union; see 'method')",
+    "rasterized_cm3": "hard-label voxel count times the voxel volume (volume-preserving nested threshold)",
+    "mean_thickness_mm": "area-weighted mean of the plate's thickness, measured along the bone surface normal, "
+                         "over the bone-side surface the plate covers (thickness tapers to 0 at the plate rim)",
+    "pose": "world RAS mm = R @ local + t, R = Rz @ Ry @ Rx; a left knee is the right knee mirrored in local x",
+}
+
+
 @dataclass(frozen=True)
 class PhantomTruth:
     """Known answers for one phantom on one grid (JSON-ready through :meth:`to_dict`).
@@ -174,6 +184,7 @@ class PhantomTruth:
     cartilage: dict[str, dict[str, float]]
     lesions: list[dict[str, Any]]
     bml: dict[str, float]
+    definitions: dict[str, str] = field(default_factory=lambda: dict(TRUTH_DEFINITIONS))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
