@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         run_dirs = []
         for visit, path in visits[:2]:
             run_dir = args.out / subject / visit
-            if not (run_dir / "measurements.json").is_file():
-                if cli(["-q", "measure", str(path), "--out", str(run_dir)]) != 0:
-                    failed.append(f"{subject} {visit}: measure failed")
-                    break
+            measured = (run_dir / "measurements.json").is_file()
+            if not measured and cli(["-q", "measure", str(path), "--out", str(run_dir)]) != 0:
+                failed.append(f"{subject} {visit}: measure failed")
+                break
             run_dirs.append(run_dir)
         if len(run_dirs) < 2:
             continue

@@ -61,7 +61,7 @@ def cut(volume: Volume, axis_world: int, top_mm: float, bottom_mm: float) -> Vol
     axis = int(np.argmax(np.abs(volume.direction[axis_world])))
     step = volume.spacing[axis]
     n = volume.shape[axis]
-    lo, hi = int(round(bottom_mm / step)), n - int(round(top_mm / step))
+    lo, hi = round(bottom_mm / step), n - round(top_mm / step)
     if volume.direction[axis_world, axis] < 0:
         lo, hi = n - hi, n - lo
     slices = [slice(None)] * 3

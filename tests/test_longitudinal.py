@@ -104,7 +104,7 @@ FOLLOW_LESIONS = [((-10, -3, -4), 3.0), ((0, 4, 8), 2.5)]
 
 def measurements(labels: Volume) -> dict:
     """The parts of measurements.json the change needs, from voxel counts (exact for these label maps)."""
-    cm3 = lambda label: float(np.sum(labels.array == label) * labels.voxel_volume_mm3 / 1000.0)  # noqa: E731
+    cm3 = lambda label: float(np.sum(labels.array == label) * labels.voxel_volume_mm3 / 1000.0)
     bml = {bone: {"volume_cm3": cm3(lesion)} for bone, lesion in (("femur", 7), ("tibia", 8), ("patella", 9))}
     bml["total_volume_cm3"] = sum(v["volume_cm3"] for v in bml.values())
     plates = {name: {"volume_cm3": cm3(label)} for name, label in

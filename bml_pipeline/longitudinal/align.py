@@ -48,6 +48,8 @@ class AlignConfig:
         iterations: optimizer iterations per level.
         sampling: fraction of masked fixed points sampled by the metric (fixed seed: deterministic).
         seed: random seed of the metric sampling.
+        threads: SimpleITK threads; fixed, because the metric's partial sums depend on the thread count
+            (same count, same result on any machine).
         max_residual_mm: a residual above this means the two scans are not of the same bone.
         min_coverage: least fraction of the baseline epiphysis surface that must map into the follow-up's
             field of view for the alignment to be trusted.
@@ -62,6 +64,7 @@ class AlignConfig:
     iterations: int = 200
     sampling: float = 0.25
     seed: int = 20240601
+    threads: int = 2
     max_residual_mm: float = 1.0
     min_coverage: float = 0.5
 
@@ -146,6 +149,7 @@ def align_bone(baseline: Volume, followup: Volume, schema: LabelSchema, bone: st
     m_img, m_mask = _to_sitk(moving.sdf, moving.interior, config)
 
     method = sitk.ImageRegistrationMethod()
+    method.SetNumberOfThreads(config.threads)
     method.SetMetricAsMeanSquares()
     method.SetMetricFixedMask(f_mask)
     method.SetMetricMovingMask(m_mask)
@@ -352,8 +356,8 @@ def _to_sitk(sdf: Volume, mask: np.ndarray, config: AlignConfig):
     size = [int(np.ceil(e / config.grid_mm)) for e in extent]
     out_origin = np.asarray(origin) + np.asarray(direction).reshape(3, 3) @ (
         (np.full(3, config.grid_mm) - np.asarray(spacing)) / 2.0)
-    grid = dict(size=size, outputOrigin=tuple(out_origin.tolist()), outputSpacing=(config.grid_mm,) * 3,
-                outputDirection=direction)
+    grid = {"size": size, "outputOrigin": tuple(out_origin.tolist()), "outputSpacing": (config.grid_mm,) * 3,
+            "outputDirection": direction}
     sdf_img = sitk.Resample(images[0], transform=sitk.Transform(), interpolator=sitk.sitkLinear,
                             defaultPixelValue=float(config.band_mm), outputPixelType=sitk.sitkFloat32, **grid)
     mask_img = sitk.Resample(images[1], transform=sitk.Transform(), interpolator=sitk.sitkNearestNeighbor,

@@ -354,7 +354,7 @@ def _delta(baseline: float | None, followup: float | None, unit: str, decimals: 
     """{prefix}baseline{unit}, {prefix}followup{unit}, delta{unit}, delta_percent (None when undefined)."""
     delta = None if baseline is None or followup is None else followup - baseline
     percent = None if delta is None or not baseline else 100.0 * delta / baseline
-    r = lambda v: None if v is None else round(float(v), decimals)  # noqa: E731
+    r = lambda v: None if v is None else round(float(v), decimals)
     return {f"{prefix}baseline{unit}": r(baseline), f"{prefix}followup{unit}": r(followup),
             f"delta{unit}": r(delta), "delta_percent": r(percent)}
 
