@@ -101,8 +101,8 @@ def summarize_groups(groups: tuple[LesionGroup, ...], decimals: int = 6) -> dict
     for status in STATUSES:
         members = [g for g in groups if g.status == status]
         out[status] = {"count": len(members),
-                       "baseline_cm3": round(sum(g.baseline_cm3 for g in members), decimals),
-                       "followup_cm3": round(sum(g.followup_cm3 for g in members), decimals)}
+                       "baseline_cm3": round(float(sum(g.baseline_cm3 for g in members)), decimals),
+                       "followup_cm3": round(float(sum(g.followup_cm3 for g in members)), decimals)}
     out["groups"] = [g.to_dict(decimals) for g in groups]
     return out
 
