@@ -64,7 +64,6 @@ def test_reference_volumes_have_closed_forms_or_converge():
     assert integrate_volume_mm3(A.tibia_sdf, lo, hi, 0.5, 3) == pytest.approx(A.BONE_VOLUME_MM3["tibia"], rel=1e-3)
 
 
-@pytest.mark.slow
 def test_femur_reference_volume_rederived():
     lo, hi = A.LOCAL_BOXES["femur"]
     assert integrate_volume_mm3(A.femur_sdf, lo, hi, 0.3, 3) == pytest.approx(A.BONE_VOLUME_MM3["femur"], rel=2e-4)
