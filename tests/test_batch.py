@@ -250,3 +250,14 @@ def test_visit_pairs_consecutive_and_baseline_to_last() -> None:
     pairs = [(a.subject, a.visit, b.visit, consecutive) for a, b, consecutive in visit_pairs(specs)]
     assert pairs == [("a", "00m", "12m", True), ("a", "12m", "96m", True), ("a", "00m", "96m", False),
                      ("c", "00m", "V2", True)]
+
+
+@pytest.mark.slow
+def test_dask_model_preloader_and_missing_model(tmp_path: Path) -> None:
+    """A row without labels registers the model-preloading worker plugin; with no such model the scan
+    fails with the clear reason and the batch finishes."""
+    image = _phantom(tmp_path / "image.nii.gz", seed=3)
+    scans = [ScanSpec("s0", "00m", image=image, model="no_such_model")]
+    summary = run_batch(scans, tmp_path / "out", DaskExecutor(workers=1), NO_REPORT)
+    assert [(f[0], f[1], f[2]) for f in summary.failures] == [("s0", "00m", "scan")]
+    assert "no labels and no segmentation model available" in summary.failures[0][3]
