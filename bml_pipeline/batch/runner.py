@@ -77,7 +77,7 @@ def run_batch(
         on_outcome: called in this process as each scan or pair finishes (progress display).
         on_stage: called with ``("scans", n)`` and ``("visit pairs", n)`` as each stage starts.
     """
-    out = Path(out)
+    out = Path(out).absolute()  # workers on other machines or in other folders write here too
     settings = settings or BatchSettings()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
