@@ -130,3 +130,21 @@ def test_real_label_map(oai_labels_dir):
     means = _means(result.image, crop)
     assert means["femoral_bml"] > 1.5 * means["femur"]
     assert means["femoral_cartilage"] > 1.5 * means["femur"]
+
+
+def test_random_rigid_repositioning_moves_labels_and_image_together(labels):
+    moved = synthesize(labels, SCHEMA, "dess", seed=7, rotation_deg=8.0, translation_mm=4.0)
+    assert moved.image.shape == labels.shape and moved.labels.shape == labels.shape
+    motion = np.asarray(moved.params["reposition_world_mm"])
+    assert np.allclose(motion[:3, :3] @ motion[:3, :3].T, np.eye(3)) and not np.allclose(motion, np.eye(4))
+    assert not np.array_equal(moved.labels.array, labels.array)
+    # Nearest-neighbour motion keeps each structure's volume within a few percent.
+    for name in ("femur", "femoral_cartilage", "femoral_bml"):
+        before = np.count_nonzero(labels.array == ID[name])
+        assert np.count_nonzero(moved.labels.array == ID[name]) == pytest.approx(before, rel=0.05)
+    # The femoral lesion's centroid moved as the transform says.
+    centroid = lambda vol: vol.world_coords(np.argwhere(vol.array == ID["femoral_bml"]).mean(axis=0))  # noqa: E731
+    expected = motion[:3, :3] @ centroid(labels) + motion[:3, 3]
+    assert np.linalg.norm(centroid(moved.labels) - expected) < 1.0
+    means = _means(moved.image, moved.labels)
+    assert means["femoral_cartilage"] > 1.15 * means["femur"]
