@@ -143,7 +143,7 @@ def test_random_rigid_repositioning_moves_labels_and_image_together(labels):
         before = np.count_nonzero(labels.array == ID[name])
         assert np.count_nonzero(moved.labels.array == ID[name]) == pytest.approx(before, rel=0.05)
     # The femoral lesion's centroid moved as the transform says.
-    centroid = lambda vol: vol.world_coords(np.argwhere(vol.array == ID["femoral_bml"]).mean(axis=0))  # noqa: E731
+    centroid = lambda vol: vol.world_coords(np.argwhere(vol.array == ID["femoral_bml"]).mean(axis=0))
     expected = motion[:3, :3] @ centroid(labels) + motion[:3, 3]
     assert np.linalg.norm(centroid(moved.labels) - expected) < 1.0
     means = _means(moved.image, moved.labels)
