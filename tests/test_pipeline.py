@@ -70,7 +70,7 @@ def test_batch_command_end_to_end(small_maps: dict[str, Path], tmp_path: Path) -
                         "bad,00m,corrupt.nii.gz,left\n")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "bml_pipeline", "batch", str(manifest), "--out", str(out),
-                           "--workers", "2", "--no-progress"], capture_output=True, text=True, timeout=300, check=False)
+                           "--workers", "1", "--no-progress"], capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 3, proc.stderr
     with (out / "errors.csv").open(newline="") as fh:
         errors = list(csv.DictReader(fh))
