@@ -32,12 +32,32 @@ def _lattice(shape: tuple[int, int, int], spacing: tuple[float, float, float],
 
 
 def _interpolate(coarse: np.ndarray, shape: tuple[int, int, int], steps: list[float]) -> np.ndarray:
-    """Cubic B-spline interpolation of a control lattice onto the full grid (three matrix products)."""
-    w0, w1, w2 = (_bspline_weights(n, c, st) for n, c, st in zip(shape, coarse.shape, steps))
-    field = coarse @ w2.T                                  # (c0, c1, n2), contiguous
-    field = np.matmul(w1, field)                           # (c0, n1, n2)
-    field = w0 @ field.reshape(coarse.shape[0], -1)        # (n0, n1 * n2)
-    return field.reshape(shape)
+    """Cubic B-spline interpolation of a control lattice onto the full grid, one axis at a time: a
+    small matrix product along the last axis, then four-tap sums along the others (each output row
+    mixes four rows of the coarser array), so the full grid is touched only a few times."""
+    field = coarse @ _bspline_weights(shape[2], coarse.shape[2], steps[2]).T   # (c0, c1, n2)
+    field = _four_tap(field, 1, shape[1], steps[1])                             # (c0, n1, n2)
+    return _four_tap(field, 0, shape[0], steps[0])                              # (n0, n1, n2)
+
+
+def _four_tap(field: np.ndarray, axis: int, n: int, step: float) -> np.ndarray:
+    """Cubic B-spline interpolation along ``axis`` (0 or 1) to ``n`` samples at coarse coordinates
+    ``1 + i / step``."""
+    x = 1.0 + np.arange(n) / step
+    base = np.floor(x).astype(int) - 1
+    t = (x - np.floor(x)).astype(np.float32)
+    weights = np.stack([(1 - t) ** 3 / 6, (3 * t**3 - 6 * t**2 + 4) / 6, (-3 * t**3 + 3 * t**2 + 3 * t + 1) / 6,
+                        t**3 / 6], axis=1).astype(np.float32)
+    src = np.moveaxis(field, axis, 0)
+    out = np.empty((n,) + src.shape[1:], dtype=np.float32)
+    tmp = np.empty(src.shape[1:], dtype=np.float32)
+    for i in range(n):
+        row = out[i]
+        np.multiply(src[base[i]], weights[i, 0], out=row)
+        for k in range(1, 4):
+            np.multiply(src[base[i] + k], weights[i, k], out=tmp)
+            row += tmp
+    return np.moveaxis(out, 0, axis)
 
 
 def _control_values(rng: np.random.Generator, coarse_shape: list[int]) -> np.ndarray:
