@@ -227,7 +227,7 @@ def test_mirrored_knee_is_refused(pair):
     shapes disagree after alignment."""
     baseline, followup = pair
     mirrored = Volume(followup.array, np.diag([-1.0, 1.0, 1.0, 1.0]) @ FOLLOW_AFFINE)
-    with pytest.raises(KneeMismatchError, match="not the same knee.* femur would have turned by 17. degrees"):
+    with pytest.raises(KneeMismatchError, match="not the same knee.* femur (would have turned|surfaces differ)"):
         compare_visits(baseline, mirrored, SCHEMA, baseline_measurements={"side": None},
                        followup_measurements={"side": None})
 

@@ -2,8 +2,9 @@
 
 Each bone is registered on its own (bones move relative to each other between visits) with SimpleITK:
 truncated signed distance maps of the bone (bone + lesion labels) are matched with mean squares,
-multi-resolution, starting from the best of a few initial poses built from the centroids and principal
-axes of the bone's *epiphysis* (its voxels within ``region_mm`` of its cartilage plate). The metric only
+multi-resolution, starting from the shift between the centroids of the bone's *epiphysis* (its voxels
+within ``region_mm`` of its cartilage plate) and, when that fit stays poor (large rotations), also from
+the best of the four poses that map the epiphysis' principal axes onto each other. The metric only
 counts points of that epiphysis band that are away from both scans' field-of-view faces, so a shaft cut
 at a different height in the follow-up does not pull the alignment.
 
@@ -140,14 +141,32 @@ def align_bone(baseline: Volume, followup: Volume, schema: LabelSchema, bone: st
     Raises:
         InputError: the bone is absent from either label map.
     """
-    import SimpleITK as sitk
-
     config = config or AlignConfig()
     fixed = _bone_field(baseline, schema, bone, config)
     moving = _bone_field(followup, schema, bone, config)
-    f_img, f_mask = _to_sitk(fixed.sdf, fixed.fixed_mask, config)
-    m_img, m_mask = _to_sitk(moving.sdf, moving.interior, config)
+    images = (*_to_sitk(fixed.sdf, fixed.fixed_mask, config), *_to_sitk(moving.sdf, moving.interior, config))
+    centre = fixed.region_points.mean(axis=0)
+    candidates = _initial_poses(fixed.region_points, moving.region_points)
+    # Start from the centroid shift (knees are scanned in similar poses; a bone that is symmetric about an
+    # axis then keeps its orientation); the principal-axes poses are tried only when that fit is poor.
+    best = _register(images, candidates[0], centre, config, bone)
+    result = _finish(bone, best, centre, fixed, moving)
+    if result.residual_mm > config.max_residual_mm:
+        scores = [_pose_score(fixed, moving, pose) for pose in candidates[1:]]
+        log.debug("%s: residual %.2f mm from the centroid start; principal-axes scores %s", bone,
+                  result.residual_mm, np.round(scores, 3).tolist())
+        other = _finish(bone, _register(images, candidates[1 + int(np.argmin(scores))], centre, config, bone),
+                        centre, fixed, moving)
+        if other.residual_mm < result.residual_mm:
+            result = other
+    return result
 
+
+def _register(images, start: RigidTransform, centre: np.ndarray, config: AlignConfig, bone: str) -> RigidTransform:
+    """Multi-resolution mean-squares registration of the SDF images from ``start`` (rotation about ``centre``)."""
+    import SimpleITK as sitk
+
+    f_img, f_mask, m_img, m_mask = images
     method = sitk.ImageRegistrationMethod()
     method.SetNumberOfThreads(config.threads)
     method.SetMetricAsMeanSquares()
@@ -160,28 +179,22 @@ def align_bone(baseline: Volume, followup: Volume, schema: LabelSchema, bone: st
                                                     numberOfIterations=config.iterations,
                                                     relaxationFactor=0.6, gradientMagnitudeTolerance=1e-8)
     method.SetOptimizerScalesFromPhysicalShift()
-
-    centre = fixed.region_points.mean(axis=0)
-    candidates = _initial_poses(fixed.region_points, moving.region_points)
-    scores = [_pose_score(fixed, moving, pose) for pose in candidates]
-    best = candidates[int(np.argmin(scores))]
-    log.debug("%s: initial pose scores %s", bone, np.round(scores, 3).tolist())
-
-    transform = _to_itk(best, centre)
+    transform = _to_itk(start, centre)
     method.SetInitialTransform(transform, inPlace=True)
     method.SetShrinkFactorsPerLevel(list(config.shrink_factors))
     method.SetSmoothingSigmasPerLevel(list(config.smoothing_mm))
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    method.AddCommand(sitk.sitkMultiResolutionIterationEvent,
-                      lambda: log.debug("%s: level done after %d iterations", bone, method.GetOptimizerIteration()))
     method.Execute(f_img, m_img)
-    result = _from_itk(transform)
-    log.debug("%s: %s after %d iterations (%s)", bone, method.GetMetricValue(),
+    log.debug("%s: metric %.4f after %d iterations (%s)", bone, method.GetMetricValue(),
               method.GetOptimizerIteration(), method.GetOptimizerStopConditionDescription())
+    return _from_itk(transform)
 
-    distances, coverage = _surface_distances(fixed, moving, result)
+
+def _finish(bone: str, transform: RigidTransform, centre: np.ndarray, fixed: _BoneField,
+            moving: _BoneField) -> BoneAlignment:
+    distances, coverage = _surface_distances(fixed, moving, transform)
     return BoneAlignment(
-        bone=bone, transform=result, centre_mm=centre,
+        bone=bone, transform=transform, centre_mm=centre,
         residual_mm=float(distances.mean()) if distances.size else float("inf"),
         residual_p95_mm=float(np.percentile(distances, 95)) if distances.size else float("inf"),
         coverage=coverage,

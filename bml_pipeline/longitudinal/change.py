@@ -60,7 +60,7 @@ class ChangeConfig:
     """
 
     align: AlignConfig = field(default_factory=AlignConfig)
-    max_rotation_deg: float = 45.0
+    max_rotation_deg: float = 90.0
     interface_dilation_mm: float = 2.0
     view_margin_mm: float = 6.0
     max_centroid_mm: float = 5.0
