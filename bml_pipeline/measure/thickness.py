@@ -82,8 +82,8 @@ class ThicknessResult:
         normals: (N, 3) unit outward bone normals (world) along which thickness was measured.
         areas_mm2: (N,) interface area each point stands for, mm2 (weights of every statistic).
         stats: area-weighted summary; None when the plate has no interface with its bone.
-        thickness_map: float32 Volume on the label grid: mm at cartilage voxels (the area-weighted
-            thickness of the rays through the voxel, else of the nearest ray), 0 elsewhere.
+        map_crop: the thickness map on the index box ``map_box`` of the label grid ``grid``
+            (kept cropped; :attr:`thickness_map` places it on the full grid when asked).
     """
 
     plate: str
@@ -92,7 +92,17 @@ class ThicknessResult:
     normals: np.ndarray
     areas_mm2: np.ndarray
     stats: ThicknessStats | None
-    thickness_map: Volume
+    map_crop: np.ndarray
+    map_box: tuple[slice, slice, slice]
+    grid: Volume
+
+    @property
+    def thickness_map(self) -> Volume:
+        """float32 Volume on the label grid: mm at cartilage voxels (the area-weighted thickness of the
+        rays through the voxel, else of the nearest ray), 0 elsewhere."""
+        out = np.zeros(self.grid.shape, dtype=np.float32)
+        out[self.map_box] = self.map_crop
+        return self.grid.with_array(out)
 
     def mean_in(self, select: np.ndarray) -> float | None:
         """Area-weighted mean thickness (mm) of the points where ``select`` (bool, (N,)) is true."""
@@ -123,18 +133,17 @@ def cartilage_thickness(labels: Volume, schema: LabelSchema, plate: str, *, conf
     if region is not None and np.shape(region) != labels.shape:
         raise ValueError(f"region mask shape {np.shape(region)} does not match the label grid {labels.shape}")
     bone_ids = schema.bone_ids(structure.bone)
-    empty_map = labels.with_array(np.zeros(labels.shape, dtype=np.float32))
     spacing = np.asarray(labels.spacing)
     margin = np.ceil((3.0 * config.normal_sigma_mm + 1.0) / spacing).astype(int) + 2
     cart_box = bounding_box(labels.array == structure.id)
     if cart_box is None:
-        return _empty(plate, empty_map)
+        return _empty(plate, labels)
     box = tuple(slice(max(s.start - m, 0), min(s.stop + m, n)) for s, m, n in zip(cart_box, margin, labels.shape))
     sub = labels.array[box]
     bone = np.isin(sub, bone_ids)
     cart = sub == structure.id
     if not bone.any():
-        return _empty(plate, empty_map)
+        return _empty(plate, labels)
     crop_origin = np.array([s.start for s in box], dtype=np.float64)
     linear = labels.affine[:3, :3]
     inv_linear = np.linalg.inv(linear)
@@ -158,9 +167,9 @@ def cartilage_thickness(labels: Volume, schema: LabelSchema, plate: str, *, conf
     try:
         verts, faces, _, _ = marching_cubes(bone_s, 0.5, mask=near, allow_degenerate=False)
     except (ValueError, RuntimeError):
-        return _empty(plate, empty_map)
+        return _empty(plate, labels)
     if len(faces) == 0:
-        return _empty(plate, empty_map)
+        return _empty(plate, labels)
     tri = verts[faces] @ linear.T  # (F, 3, 3) world offsets from the crop origin
     face_normals = 0.5 * np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # length = area
     centroids_idx = verts[faces].mean(axis=1)
@@ -201,8 +210,8 @@ def cartilage_thickness(labels: Volume, schema: LabelSchema, plate: str, *, conf
     points = world_origin + centroids_idx[keep] @ linear.T
     log.debug("%s: %d interface triangles of %d, area %.1f mm2", plate, int(keep.sum()), len(keep), weights.sum())
     stats = weighted_stats(thickness, weights) if thickness.size else None
-    thickness_map = _thickness_map(labels, box, cart, centroids_idx[keep], step_idx[keep], thickness, weights)
-    return ThicknessResult(plate, thickness, points, normals[keep], weights, stats, thickness_map)
+    crop = _thickness_map(labels, cart, centroids_idx[keep], step_idx[keep], thickness, weights)
+    return ThicknessResult(plate, thickness, points, normals[keep], weights, stats, crop, box, _grid_of(labels))
 
 
 def _distance_to(points: np.ndarray, query: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -279,12 +288,12 @@ def weighted_stats(values: np.ndarray, weights: np.ndarray) -> ThicknessStats:
     return ThicknessStats(mean, median, sd, p95, float(values.max()), total)
 
 
-def _thickness_map(labels: Volume, box: tuple[slice, slice, slice], cart: np.ndarray, start_idx: np.ndarray,
-                   step_idx: np.ndarray, thickness: np.ndarray, weights: np.ndarray) -> Volume:
-    """Thickness (mm) painted onto cartilage voxels: each voxel a ray passes through gets the
-    area-weighted mean thickness of those rays; cartilage voxels no ray crosses get the value of the
-    nearest painted voxel. Computed in the crop ``box``, returned on the full grid."""
-    out = np.zeros(labels.shape, dtype=np.float32)
+def _thickness_map(labels: Volume, cart: np.ndarray, start_idx: np.ndarray, step_idx: np.ndarray,
+                   thickness: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Thickness (mm, float32, shape of the crop ``cart``) painted onto cartilage voxels: each voxel a
+    ray passes through gets the area-weighted mean thickness of those rays; cartilage voxels no ray
+    crosses get the value of the nearest painted voxel."""
+    crop = np.zeros(cart.size, dtype=np.float32)
     if thickness.size:
         h = 0.75 * min(labels.spacing)
         samples = np.ceil(thickness / h).astype(np.intp)
@@ -299,7 +308,6 @@ def _thickness_map(labels: Volume, box: tuple[slice, slice, slice], cart: np.nda
         flat, ray = flat[on_cart], ray[on_cart]
         w_sum = np.bincount(flat, weights=weights[ray], minlength=cart.size)
         t_sum = np.bincount(flat, weights=(weights * thickness)[ray], minlength=cart.size)
-        crop = np.zeros(cart.size, dtype=np.float32)
         painted = w_sum > 0
         crop[painted] = t_sum[painted] / w_sum[painted]
         missing = np.flatnonzero(cart.ravel() & ~painted)
@@ -312,13 +320,19 @@ def _thickness_map(labels: Volume, box: tuple[slice, slice, slice], cart: np.nda
             target_xyz = np.stack(np.unravel_index(missing, cart.shape), axis=1) @ linear.T
             _, nearest = cKDTree(seed_xyz).query(target_xyz)
             crop[missing] = crop[seeds[nearest]]
-        out[box] = crop.reshape(cart.shape)
-    return labels.with_array(out)
+    return crop.reshape(cart.shape)
 
 
-def _empty(plate: str, empty_map: Volume) -> ThicknessResult:
+def _empty(plate: str, labels: Volume) -> ThicknessResult:
     z = np.zeros(0)
-    return ThicknessResult(plate, z, np.zeros((0, 3)), np.zeros((0, 3)), z, None, empty_map)
+    none = (slice(0, 0),) * 3
+    return ThicknessResult(plate, z, np.zeros((0, 3)), np.zeros((0, 3)), z, None, np.zeros((0, 0, 0), np.float32),
+                           none, _grid_of(labels))
+
+
+def _grid_of(labels: Volume) -> Volume:
+    """A zero-strided stand-in with the label map's grid (shape, affine, meta) and no memory."""
+    return Volume(np.broadcast_to(np.zeros(1, dtype=np.uint8), labels.shape), labels.affine, labels.meta)
 
 
 def skeleton_edt_thickness(mask: np.ndarray, spacing: tuple[float, float, float]) -> float | None:
