@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-scaling", action="store_true")
     args = parser.parse_args()
-    labels = args.labels or sorted(DEFAULT_DIR.glob("zib_*_labels.nii.gz"))[0]
+    labels = args.labels or min(DEFAULT_DIR.glob("zib_*_labels.nii.gz"))
     print(f"{labels} (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     runs = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,14 @@ import numpy as np
 from bml_pipeline.labels import load_schema
 from bml_pipeline.measure import cartilage_thickness, measure_labels, skeleton_edt_thickness
 from bml_pipeline.measure.lesions import find_lesions
-from bml_pipeline.synth.plates import CARTILAGE, cylinder_plate, flat_plate, lesion_block, rotation_matrix, sphere_plate
+from bml_pipeline.synth.plates import (
+    CARTILAGE,
+    cylinder_plate,
+    flat_plate,
+    lesion_block,
+    rotation_matrix,
+    sphere_plate,
+)
 
 SCHEMA = load_schema("oai_zib")
 SPACINGS = {"0.365x0.365x0.7": (0.365, 0.365, 0.7), "0.3125x0.3125x1.5": (0.3125, 0.3125, 1.5)}

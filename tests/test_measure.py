@@ -12,8 +12,14 @@ from bml_pipeline.cli import main
 from bml_pipeline.errors import GeometryMismatchError, InputError
 from bml_pipeline.io import read_labels, write_nifti
 from bml_pipeline.labels import load_schema
-from bml_pipeline.measure import (MeasureConfig, infer_side, load_measure_config, measure_labels, moaks_grade,
-                                  write_measurements)
+from bml_pipeline.measure import (
+    MeasureConfig,
+    infer_side,
+    load_measure_config,
+    measure_labels,
+    moaks_grade,
+    write_measurements,
+)
 from bml_pipeline.measure.config import DEFAULT_CONFIG_PATH
 from bml_pipeline.measure.lesions import find_lesions
 from bml_pipeline.provenance import provenance_record, sha256_path

@@ -5,8 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bml_pipeline.synth.plates import (BONE, CARTILAGE, LESION, cylinder_plate, flat_plate, lesion_block,
-                                       rotation_matrix, sphere_plate)
+from bml_pipeline.synth.plates import (
+    BONE,
+    CARTILAGE,
+    LESION,
+    cylinder_plate,
+    flat_plate,
+    lesion_block,
+    rotation_matrix,
+    sphere_plate,
+)
 
 
 def test_rotation_matrix_is_a_proper_rotation() -> None:
@@ -49,7 +57,7 @@ def test_lesion_block_volumes_are_preserved_per_lesion() -> None:
     assert ph.diameters_mm == (8.0, 5.0)
 
 
-@pytest.mark.parametrize("bad", [dict(thickness_mm=0.0), dict(thickness_mm=1.0, amplitude_mm=1.0)])
+@pytest.mark.parametrize("bad", [{"thickness_mm": 0.0}, {"thickness_mm": 1.0, "amplitude_mm": 1.0}])
 def test_impossible_plates_are_refused(bad) -> None:
     with pytest.raises(ValueError):
         flat_plate(spacing=(1, 1, 1), **bad)

@@ -51,7 +51,7 @@ def test_mean_thickness_of_rotated_plates_within_0_05_mm(phantoms, spacing, thic
 
 
 def test_thickening_of_2_4_percent_is_measured_within_0_3_points(phantoms) -> None:
-    kwargs = dict(angles_deg=(35, -15, 25), offset_mm=OFFSET, size_mm=20, supersample=3)
+    kwargs = {"angles_deg": (35, -15, 25), "offset_mm": OFFSET, "size_mm": 20, "supersample": 3}
     before = cartilage_thickness(phantoms("flat", 2.0, THICK, **kwargs).labels, SCHEMA, PLATE).stats
     after = cartilage_thickness(phantoms("flat", 2.048, THICK, **kwargs).labels, SCHEMA, PLATE).stats
     assert before is not None and after is not None

@@ -19,10 +19,24 @@ Public API (all lengths in mm, volumes in cm3, coordinates world RAS mm):
 from bml_pipeline.measure.config import MeasureConfig, load_measure_config
 from bml_pipeline.measure.measurements import Measurements, measure_labels, moaks_grade, write_measurements
 from bml_pipeline.measure.side import SideEstimate, infer_side
-from bml_pipeline.measure.thickness import ThicknessResult, ThicknessStats, cartilage_thickness, skeleton_edt_thickness
+from bml_pipeline.measure.thickness import (
+    ThicknessResult,
+    ThicknessStats,
+    cartilage_thickness,
+    skeleton_edt_thickness,
+)
 
 __all__ = [
-    "MeasureConfig", "load_measure_config", "Measurements", "measure_labels", "moaks_grade", "write_measurements",
-    "SideEstimate", "infer_side", "ThicknessResult", "ThicknessStats", "cartilage_thickness",
+    "MeasureConfig",
+    "Measurements",
+    "SideEstimate",
+    "ThicknessResult",
+    "ThicknessStats",
+    "cartilage_thickness",
+    "infer_side",
+    "load_measure_config",
+    "measure_labels",
+    "moaks_grade",
     "skeleton_edt_thickness",
+    "write_measurements",
 ]

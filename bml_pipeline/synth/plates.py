@@ -200,7 +200,7 @@ def lesion_block(lesions: Sequence[tuple[Sequence[float], Sequence[float]]], spa
     for c, r in items:
         frac = rasterize(ellipsoid(c, r), shape, affine, supersample).ravel()
         candidates = np.flatnonzero(frac > 0)
-        count = int(round(float(frac.sum(dtype=np.float64))))
+        count = round(float(frac.sum(dtype=np.float64)))
         order = np.argsort(-frac[candidates], kind="stable")[:count]
         labels.ravel()[candidates[order]] = LESION
     meta = VolumeMeta(source="synthetic:lesion block")
