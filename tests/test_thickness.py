@@ -36,8 +36,8 @@ def phantoms():
 
 @pytest.mark.parametrize("spacing,thickness,angles", [
     (OAI, 1.5, (35, -15, 25)),
-    (OAI, 3.0, (10, 20, 5)),
-    (THICK, 1.5, (60, 30, -40)),
+    pytest.param(OAI, 3.0, (10, 20, 5), marks=pytest.mark.slow),
+    pytest.param(THICK, 1.5, (60, 30, -40), marks=pytest.mark.slow),
     (THICK, 3.0, (35, -15, 25)),
 ])
 def test_mean_thickness_of_rotated_plates_within_0_05_mm(phantoms, spacing, thickness, angles) -> None:
