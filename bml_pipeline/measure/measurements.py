@@ -130,6 +130,8 @@ def measure_labels(labels: Volume, schema: LabelSchema, *, side: str | None = No
     if side not in (None, "left", "right"):
         raise InputError(source, f"side must be 'left' or 'right', got {side!r}")
     counts = check_label_values(labels, schema)
+    if labels.array.dtype.kind != "u":  # e.g. whole numbers stored as float: index-safe from here on
+        labels = labels.with_array(labels.array.astype(np.uint16))
     if image is not None:
         labels.require_same_grid(image, "image and label map")
     volumes = structure_volumes(labels, schema, counts)
