@@ -233,3 +233,13 @@ def test_patches_centre_on_lesions_when_asked() -> None:
         img, lab = sample_patch(image, labels, (32, 32, 32), rng, lesion_idx, np.array([], np.int64), 1.0, 0.0)
         assert img.shape == lab.shape == (32, 32, 32)
         assert np.count_nonzero(lab == 8) == 27 and np.array_equal(img == 8, lab == 8)
+
+
+def test_shipped_model_loads_and_is_small() -> None:
+    from bml_pipeline.segment.weights import MODELS_DIR
+
+    predictor = Predictor.load("knee_synth_v1", device="cpu")
+    assert predictor.model_id == "knee_synth_v1" and len(predictor.weights_sha256) == 64
+    assert (MODELS_DIR / "knee_synth_v1.safetensors").stat().st_size <= 20 * 2**20
+    with pytest.raises(InputError, match="no shipped model"):
+        Predictor.load("no_such_model", device="cpu")
