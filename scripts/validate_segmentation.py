@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--label-dir", help="default: the config's training.label_dir")
     parser.add_argument("--presets", nargs="+", default=["dess", "pd_fs", "t2", "t1", "random"])
     parser.add_argument("--maps", type=int, default=0, help="use only the first N held-out maps (0: all)")
+    parser.add_argument("--only", nargs="+", help="use only held-out maps whose names start with these")
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--tta", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
@@ -69,6 +70,8 @@ def main() -> None:
     config = load_train_config(args.config)
     label_dir = Path(args.label_dir or config.training.label_dir)
     _, held_out = split_label_maps(label_dir, config.training.held_out)
+    if args.only:
+        held_out = [p for p in held_out if any(p.name.startswith(o) for o in args.only)]
     if args.maps:
         held_out = held_out[:args.maps]
     predictor = Predictor.load(args.model, device="cpu")
