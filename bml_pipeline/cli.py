@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         if command is None:
             continue
         help_text = command.help.replace("%", "%%")  # argparse %-formats help strings
-        sp = sub.add_parser(command.name, help=help_text, description=help_text)
+        sp = sub.add_parser(command.name, help=help_text, description=command.help)
         command.add_arguments(sp)
         sp.set_defaults(_run=command.run)
     return parser

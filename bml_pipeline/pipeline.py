@@ -73,6 +73,7 @@ def process_scan(
     side: str | None = None,
     model: str | None = None,
     device: str = "auto",
+    tta: bool = False,
     schema: str = "oai_zib",
     config: MeasureConfig | None = None,
     report: bool = True,
@@ -91,6 +92,7 @@ def process_scan(
         model: segmentation model name or weights path, used only when ``labels`` is None (None: the
             shipped default, :data:`DEFAULT_MODEL`).
         device: torch device for segmentation (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        tta: average the segmentation with its medial-lateral mirror (test-time augmentation).
         schema: label schema name or YAML path.
         config: measurement configuration (None: the packaged defaults).
         report: write ``report.html``.
@@ -121,10 +123,9 @@ def process_scan(
         assert volume is not None
         t0 = time.perf_counter()
         predictor = load_predictor(model or DEFAULT_MODEL, device)
-        label_map = predictor.segment(volume)
+        label_map = predictor.segment(volume, tta=tta)
         timings["segment"] = time.perf_counter() - t0
         model_record = predictor.provenance
-        write_nifti(label_map, run_dir / "labels.nii.gz", dtype=np.uint16)
         log.info("segmented %s with %s in %.1f s", image, model_record.get("model_id"), timings["segment"])
 
     measurements = measure_labels(label_map, label_schema, side=side, image=volume, config=config)
@@ -133,6 +134,8 @@ def process_scan(
     provenance = provenance_record(
         step="pipeline", inputs={"image": image, "labels": labels},
         config={"measure": config.to_dict(), "label_schema": label_schema.name}, timings_s=timings, extra=extra)
+    if model_record is not None:  # written only once the measurement succeeded: no partial output
+        write_nifti(label_map, run_dir / "labels.nii.gz", dtype=np.uint16)
     write_measurements(run_dir, measurements, provenance)
 
     if report:
