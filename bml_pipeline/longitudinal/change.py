@@ -56,6 +56,11 @@ class ChangeConfig:
         view_margin_mm: interface points nearer than this to either field-of-view face are left out (the
             thickness rays and normals need about 5 mm of context).
         max_centroid_mm: lesions whose centroids are this close after alignment are the same lesion.
+        rim_exclusion_mm: interface within this distance of the plate's edge (bone surface the baseline
+            cartilage does not cover) is left out of the thickness change. Cartilage tapers to zero at
+            its rim, and how much of that sub-voxel taper a binary label map keeps depends on the knee's
+            pose on the voxel grid, so a rim counted at both visits adds a pose-dependent bias to the
+            mean (several percent on tapered phantom plates); the core's change is not biased by it.
         decimals: rounding of every reported number (byte-identical reruns).
     """
 
@@ -64,6 +69,7 @@ class ChangeConfig:
     interface_dilation_mm: float = 2.0
     view_margin_mm: float = 6.0
     max_centroid_mm: float = 5.0
+    rim_exclusion_mm: float = 3.0
     decimals: int = 6
 
 
@@ -299,6 +305,15 @@ def common_interface_region(baseline: Volume, followup: Volume, schema: LabelSch
     touching = (bone & ndimage.binary_dilation(cart, six)) | (cart & ndimage.binary_dilation(bone, six))
     if not touching.any():
         return out
+    if config.rim_exclusion_mm > 0:
+        uncovered = bone & ndimage.binary_dilation(~bone, six) & ~ndimage.binary_dilation(cart, six)
+        if uncovered.any():
+            core = touching & (ndimage.distance_transform_edt(~uncovered, sampling=baseline.spacing)
+                               > config.rim_exclusion_mm)
+            if core.any():
+                touching = core
+            else:
+                log.warning("%s: plate narrower than twice the %.1f mm rim; rim kept", plate, config.rim_exclusion_mm)
     zone = ndimage.distance_transform_edt(~touching, sampling=baseline.spacing) <= config.interface_dilation_mm
     ijk = np.argwhere(zone) + [s.start for s in box]
     world = baseline.world_coords(ijk)
