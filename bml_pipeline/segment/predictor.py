@@ -20,6 +20,7 @@ import numpy as np
 from bml_pipeline.errors import InputError
 from bml_pipeline.labels import load_schema
 from bml_pipeline.segment.bml import constrain_lesions
+from bml_pipeline.segment.cleanup import clean_anatomy
 from bml_pipeline.segment.config import ModelConfig
 from bml_pipeline.segment.inference import predict_probabilities
 from bml_pipeline.segment.intensity import percentile_normalise
@@ -105,7 +106,8 @@ class Predictor:
         labels = probabilities_to_labels(probs, work_affine, image, cfg.inference.slab_voxels)
         del probs
         t["resample_out"] = time.perf_counter()
-        result = constrain_lesions(Volume(labels, image.affine.copy(), image.meta), load_schema(cfg.schema))
+        schema = load_schema(cfg.schema)
+        result = constrain_lesions(clean_anatomy(Volume(labels, image.affine.copy(), image.meta), schema), schema)
         t["lesions"] = time.perf_counter()
         keys = list(t)
         self.timings = {k: round(t[k] - t[p], 3) for p, k in itertools.pairwise(keys)}

@@ -1,0 +1,26 @@
+"""Anatomical clean-up of predicted labels: stray bone pieces and cartilage off its bone are removed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bml_pipeline.labels import load_schema
+from bml_pipeline.segment.cleanup import clean_anatomy
+from bml_pipeline.volume import Volume
+
+
+def test_keeps_largest_bone_piece_and_cartilage_on_its_bone() -> None:
+    schema = load_schema("oai_zib")
+    arr = np.zeros((30, 30, 30), np.uint8)
+    arr[5:20, 5:20, 5:15] = 1          # femur
+    arr[8:12, 8:12, 8:11] = 7          # femoral lesion inside it: part of the femur's piece
+    arr[5:20, 5:20, 15:17] = 2         # femoral cartilage on the femur
+    arr[25:28, 25:28, 25:28] = 1       # stray "femur" blob in a muscle
+    arr[25:28, 2:4, 2:4] = 2           # cartilage fleck with no bone under it
+    arr[2:4, 25:28, 2:4] = 6           # patellar cartilage, but no patella
+    cleaned = clean_anatomy(Volume(arr, np.diag([0.7, 0.36, 0.36, 1.0])), schema).array
+    expected = arr.copy()
+    expected[25:28, 25:28, 25:28] = 0
+    expected[25:28, 2:4, 2:4] = 0
+    expected[2:4, 25:28, 2:4] = 0
+    np.testing.assert_array_equal(cleaned, expected)
