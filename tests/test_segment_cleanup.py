@@ -24,3 +24,14 @@ def test_keeps_largest_bone_piece_and_cartilage_on_its_bone() -> None:
     expected[25:28, 2:4, 2:4] = 0
     expected[2:4, 25:28, 2:4] = 0
     np.testing.assert_array_equal(cleaned, expected)
+
+
+def test_bone_piece_under_the_cartilage_wins_over_a_larger_stray_piece() -> None:
+    schema = load_schema("oai_zib")
+    arr = np.zeros((40, 20, 20), np.uint8)
+    arr[2:6, 2:10, 2:10] = 1           # articular end of the femur
+    arr[2:6, 2:10, 10:12] = 2          # its cartilage
+    arr[15:38, 2:18, 2:18] = 1         # larger false "femur" in a muscle, no cartilage on it
+    cleaned = clean_anatomy(Volume(arr, np.eye(4)), schema).array
+    assert (cleaned[15:38] == 0).all()
+    np.testing.assert_array_equal(cleaned[:10], arr[:10])

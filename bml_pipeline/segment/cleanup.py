@@ -2,8 +2,8 @@
 
 A network's raw argmax can leave isolated false positives (a "bone" blob in a muscle, a fleck of
 cartilage with no bone under it). Each knee bone is one connected solid, and a cartilage plate lies on
-its bone, so: every bone keeps only its largest 26-connected component (bone and lesion labels
-together); every cartilage component that does not touch its (cleaned) bone is removed. Removed voxels
+its bone, so: every bone keeps only one 26-connected component (bone and lesion labels together), the
+one carrying most of its cartilage (the articular end), else the largest; every cartilage component that does not touch its (cleaned) bone is removed. Removed voxels
 become background. Lesions are handled afterwards by :func:`bml_pipeline.segment.bml.constrain_lesions`.
 """
 
@@ -34,9 +34,7 @@ def clean_anatomy(labels: Volume, schema: LabelSchema) -> Volume:
         sub = arr[box]
         pieces, n = ndimage.label(np.isin(sub, ids), _CONNECTIVITY)
         if n > 1:
-            sizes = np.bincount(pieces.ravel())
-            sizes[0] = 0
-            stray = (pieces > 0) & (pieces != int(sizes.argmax()))
+            stray = (pieces > 0) & (pieces != _articular_piece(pieces, n, sub, schema, bone.name))
             removed[bone.name] = int(stray.sum())
             sub[stray] = schema.background
     for plate in schema.of_kind("cartilage"):
@@ -56,3 +54,17 @@ def clean_anatomy(labels: Volume, schema: LabelSchema) -> Volume:
     if removed:
         log.info("clean-up removed voxels: %s", ", ".join(f"{k} {v}" for k, v in sorted(removed.items())))
     return labels.with_array(arr)
+
+
+def _articular_piece(pieces: np.ndarray, n: int, sub: np.ndarray, schema: LabelSchema, bone: str) -> int:
+    """Label of the bone piece that carries the most of the bone's cartilage (contact voxels), the
+    largest piece breaking ties and standing in when the bone has no cartilage label nearby."""
+    sizes = np.bincount(pieces.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    contact = np.zeros(n + 1, dtype=np.int64)
+    plate = schema.cartilage_of(bone)
+    if plate is not None:
+        near_cartilage = ndimage.binary_dilation(sub == plate.id, _CONNECTIVITY)
+        contact = np.bincount(pieces[near_cartilage].ravel(), minlength=n + 1)
+        contact[0] = 0
+    return int(np.lexsort((sizes, contact))[-1])
