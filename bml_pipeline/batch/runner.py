@@ -140,8 +140,7 @@ def _record(summary: BatchSummary, outcome: ScanOutcome, stage: str,
 
 def write_cohort_stats(out: Path, changes: Any) -> list[dict[str, Any]]:
     """``cohort_stats.json``/``.csv``: n, mean, SD, 95 % CI, SRM per change measure (empty without pairs)."""
-    from bml_pipeline.commands.cohort_stats import write_stats
-    from bml_pipeline.longitudinal.cohort import cohort_stats
+    from bml_pipeline.longitudinal.cohort import cohort_stats, write_stats
 
     rows = [s.to_dict() for s in cohort_stats(changes)] if len(changes) else []
     write_stats(out, rows)

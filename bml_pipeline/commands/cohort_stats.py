@@ -3,42 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from bml_pipeline.commands import Command
-
-
-def load_changes(path: str | Path):
-    """The changes table as a pandas DataFrame; :class:`InputError` when it is unusable."""
-    import pandas as pd
-
-    from bml_pipeline.errors import InputError
-    from bml_pipeline.longitudinal.cohort import measure_columns
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "file not found")
-    try:
-        table = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"not a readable CSV table ({exc.__class__.__name__})") from None
-    if not measure_columns(list(table.columns)):
-        raise InputError(path, "no change columns (names ending in delta_cm3, delta_mm or delta_percent)")
-    if table.empty:
-        raise InputError(path, "the table has no rows")
-    return table
-
-
-def write_stats(out_dir: str | Path, rows: list[dict]) -> None:
-    """Write ``cohort_stats.json`` and ``cohort_stats.csv`` into ``out_dir`` atomically."""
-    import pandas as pd
-
-    from bml_pipeline.io import write_text_atomic
-
-    out_dir = Path(out_dir)
-    write_text_atomic(out_dir / "cohort_stats.json", json.dumps({"measures": rows}, indent=2, sort_keys=True) + "\n")
-    write_text_atomic(out_dir / "cohort_stats.csv", pd.DataFrame(rows).to_csv(index=False))
 
 
 def format_table(rows: list[dict]) -> str:
@@ -64,7 +30,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from bml_pipeline.longitudinal.cohort import cohort_stats
+    from bml_pipeline.longitudinal.cohort import cohort_stats, load_changes, write_stats
 
     table = load_changes(args.changes)
     rows = [s.to_dict() for s in cohort_stats(table)]

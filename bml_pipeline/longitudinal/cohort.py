@@ -19,8 +19,10 @@ without that column, when ``followup_visit`` is ``baseline_visit`` plus the suff
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -113,3 +115,34 @@ def cohort_stats(table) -> list[MeasureStats]:
         values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=np.float64)
         out.append(measure_stats(values[~repeat], values[repeat], column))
     return out
+
+
+def load_changes(path: str | Path):
+    """The changes table as a pandas DataFrame; :class:`InputError` when it is unusable."""
+    import pandas as pd
+
+    from bml_pipeline.errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"not a readable CSV table ({exc.__class__.__name__})") from None
+    if not measure_columns(list(table.columns)):
+        raise InputError(path, "no change columns (names ending in delta_cm3, delta_mm or delta_percent)")
+    if table.empty:
+        raise InputError(path, "the table has no rows")
+    return table
+
+
+def write_stats(out_dir: str | Path, rows: list[dict]) -> None:
+    """Write ``cohort_stats.json`` and ``cohort_stats.csv`` into ``out_dir`` atomically."""
+    import pandas as pd
+
+    from bml_pipeline.io import write_text_atomic
+
+    out_dir = Path(out_dir)
+    write_text_atomic(out_dir / "cohort_stats.json", json.dumps({"measures": rows}, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out_dir / "cohort_stats.csv", pd.DataFrame(rows).to_csv(index=False))
