@@ -80,6 +80,9 @@ def _run(args: argparse.Namespace) -> int:
             print(f"  FAILED {subject} {visit} {stage}: {reason}")
         return 1
     print("\n".join(summarize(out, manifest)))
+    print("  (the phantom's thickness truth averages each plate's whole support, including the rim where it\n"
+          "   tapers below half a voxel and is absent from the label map; the measured mean covers labelled\n"
+          "   cartilage, so it reads higher: see bml_pipeline/measure/thickness.py)")
     print(f"\ndone in {summary.seconds:.1f} s. Outputs:")
     print(f"  per scan:  {out}/<subject>/<visit>/ (measurements.json, .csv, report.html, thickness maps)")
     print(f"  change:    {out}/<subject>/changes/<a>_to_<b>/change.json")
