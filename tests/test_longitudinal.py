@@ -154,8 +154,9 @@ def test_alignment_recovers_known_pose(change, bone):
     centre = result.centre_mm
     rotation_error = rotation_difference_deg(result.transform, POSE)
     translation_error = np.linalg.norm(result.transform.apply(centre) - POSE.apply(centre))
-    assert rotation_error < 0.5, rotation_error
-    assert translation_error < 0.5, translation_error
+    # Measured 0.01-0.03 deg and 0.008 mm after the ICP refinement (0.3-0.6 deg without it).
+    assert rotation_error < 0.1, rotation_error
+    assert translation_error < 0.05, translation_error
     assert result.rotation_deg == pytest.approx(6.0, abs=0.5)
     assert result.residual_mm < 0.35
     assert result.coverage > 0.6

@@ -8,6 +8,10 @@ the best of the four poses that map the epiphysis' principal axes onto each othe
 counts points of that epiphysis band that are away from both scans' field-of-view faces, so a shaft cut
 at a different height in the follow-up does not pull the alignment.
 
+That pose is then refined on the label maps' own resolution by symmetric point-to-plane ICP between
+the two sub-voxel epiphysis surfaces (:mod:`bml_pipeline.longitudinal.icp`); the pooled grid alone
+leaves rotation errors of about 0.5 deg.
+
 The result maps baseline world points (RAS mm) to follow-up world points. The residual is the mean
 symmetric surface distance (mm) between the two epiphysis surfaces after alignment; a large residual
 means the scans are not of the same bone.
@@ -24,6 +28,7 @@ import numpy as np
 
 from bml_pipeline.errors import InputError
 from bml_pipeline.labels import LabelSchema
+from bml_pipeline.longitudinal.icp import Surface, bone_surface, refine
 from bml_pipeline.longitudinal.transform import RigidTransform
 from bml_pipeline.volume import Volume, bounding_box
 
@@ -126,6 +131,7 @@ class _BoneField:
     interior: np.ndarray    # sdf's grid voxels farther than band_mm from the scan's field-of-view faces
     region_points: np.ndarray  # (N, 3) RAS mm of epiphysis voxels (initialisation)
     surface: np.ndarray     # (M, 3) RAS mm points on the epiphysis surface, inside the view
+    mesh: Surface           # sub-voxel epiphysis surface at the label map's resolution (ICP refinement)
 
 
 def align_bone(baseline: Volume, followup: Volume, schema: LabelSchema, bone: str, *,
@@ -159,7 +165,8 @@ def align_bone(baseline: Volume, followup: Volume, schema: LabelSchema, bone: st
                         centre, fixed, moving)
         if other.residual_mm < result.residual_mm:
             result = other
-    return result
+    refined = _finish(bone, refine(fixed.mesh, moving.mesh, result.transform), centre, fixed, moving)
+    return refined if refined.residual_mm <= result.residual_mm + 0.05 else result
 
 
 def _register(images, start: RigidTransform, centre: np.ndarray, config: AlignConfig, bone: str) -> RigidTransform:
@@ -254,7 +261,16 @@ def _bone_field(labels: Volume, schema: LabelSchema, bone: str, config: AlignCon
     sdf_volume = Volume(sdf, affine, labels.meta)
     region_points = sdf_volume.world_coords(np.argwhere(region & interior)[:: max(1, int(region.sum()) // 50000)])
     surface = _surface_points(sdf_volume, bone_c, region & interior)
-    return _BoneField(sdf_volume, fixed_mask, interior, region_points, surface)
+    keep_native = _unpool(region & interior, factors, bone_mask[box].shape)
+    mesh = bone_surface(bone_mask[box], labels.crop(box).affine, keep_native)
+    return _BoneField(sdf_volume, fixed_mask, interior, region_points, surface, mesh)
+
+
+def _unpool(mask: np.ndarray, factors: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A pooled ``mask`` repeated back to the native grid of ``shape``."""
+    for axis, f in enumerate(factors):
+        mask = np.repeat(mask, f, axis=axis)
+    return mask[tuple(slice(0, n) for n in shape)]
 
 
 def _coarse_distance(mask: np.ndarray, spacing: np.ndarray, target_mm: float = 1.5) -> np.ndarray:
