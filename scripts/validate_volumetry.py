@@ -89,7 +89,7 @@ def other_plates(quick: bool) -> None:
 
 def thickening(quick: bool) -> None:
     rows = []
-    angle_sets = ANGLES[1:2] if quick else ANGLES + [(45, 10, 70), (-25, 50, 15)]
+    angle_sets = ANGLES[1:2] if quick else ANGLES + [(45, 10, 70), (-25, 50, 15), (8, 0, 17), (15, 0, 17)]
     for name, spacing in SPACINGS.items():
         changes = []
         for angles in angle_sets:
@@ -98,11 +98,14 @@ def thickening(quick: bool) -> None:
             (o0, r0), (o1, r1) = ours_and_reference(base), ours_and_reference(grown)
             changes.append(100 * (o1 / o0 - 1))
             tilt = np.degrees(np.arccos(abs(rotation_matrix(angles)[2, 2])))
-            rows.append([name, str(angles), f"{tilt:.0f}", f"{changes[-1]:+.2f}", f"{100 * (r1 / r0 - 1):+.2f}"])
-        rows.append([name, "mean over angles", "", f"{np.mean(changes):+.2f}", ""])
+            carried = 100 * (np.sum(grown.labels.array == CARTILAGE) / np.sum(base.labels.array == CARTILAGE) - 1)
+            rows.append([name, str(angles), f"{tilt:.0f}", f"{changes[-1]:+.2f}", f"{100 * (r1 / r0 - 1):+.2f}",
+                         f"{carried:+.2f}"])
+        rows.append([name, "mean over angles", "", f"{np.mean(changes):+.2f}", "", ""])
     table("3. Thickening 2.000 -> 2.048 mm (+2.40 %; requirement 2.4 +- 0.3 %); tilt = angle between the\n"
-          "   plate normal and the slice axis (small tilt at 1.5 mm slices = large voxel steps, most aliasing)",
-          ["spacing (mm)", "angles (deg)", "tilt", "ours (%)", "2xEDT (%)"], rows)
+          "   plate normal and the slice axis (small tilt at 1.5 mm slices = large voxel steps, most aliasing);\n"
+          "   'labels' = change of the labelled cartilage volume: what the binary label map itself carries",
+          ["spacing (mm)", "angles (deg)", "tilt", "ours (%)", "2xEDT (%)", "labels (%)"], rows)
 
 
 def lesions(quick: bool) -> None:

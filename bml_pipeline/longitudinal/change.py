@@ -31,7 +31,7 @@ from bml_pipeline.errors import InputError
 from bml_pipeline.labels import LabelSchema
 from bml_pipeline.longitudinal.align import AlignConfig, BoneAlignment, align_bone
 from bml_pipeline.longitudinal.lesions import LesionGroup, match_lesions, summarize_groups
-from bml_pipeline.longitudinal.transform import RigidTransform, pull_to_grid
+from bml_pipeline.longitudinal.transform import RigidTransform
 from bml_pipeline.volume import Volume, bounding_box
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,9 @@ class ChangeConfig:
         align: per-bone registration parameters (incl. the same-knee residual limit).
         max_rotation_deg: a bone turned further than this between scans (in patient coordinates) means the
             scans are not of the same knee (a mirrored knee fits best upside down or back to front).
-        interface_dilation_mm: the baseline interface zone grows by this much before it is mapped, so
-            the registration's residual error cannot push follow-up interface points out of it.
+        interface_dilation_mm: an interface point (either visit, mapped into the baseline's world) belongs
+            to the common region when it lies within this distance of a baseline interface voxel of the
+            core (covers the half-voxel between the surface and the voxel centres, and the alignment error).
         view_margin_mm: interface points nearer than this to either field-of-view face are left out (the
             thickness rays and normals need about 5 mm of context).
         max_centroid_mm: lesions whose centroids are this close after alignment are the same lesion.
@@ -61,15 +62,17 @@ class ChangeConfig:
             its rim, and how much of that sub-voxel taper a binary label map keeps depends on the knee's
             pose on the voxel grid, so a rim counted at both visits adds a pose-dependent bias to the
             mean (several percent on tapered phantom plates); the core's change is not biased by it.
+            5 mm: a little more than the taper of real plates and of the phantom (4 mm); on the phantom
+            pairs the thickness-change error falls from up to 0.83 pp (3 mm) to 0.40 pp.
         decimals: rounding of every reported number (byte-identical reruns).
     """
 
     align: AlignConfig = field(default_factory=AlignConfig)
     max_rotation_deg: float = 90.0
-    interface_dilation_mm: float = 2.0
+    interface_dilation_mm: float = 1.0
     view_margin_mm: float = 6.0
     max_centroid_mm: float = 5.0
-    rim_exclusion_mm: float = 3.0
+    rim_exclusion_mm: float = 5.0
     decimals: int = 6
 
 
@@ -265,12 +268,14 @@ def _plate_change(baseline: Volume, followup: Volume, schema: LabelSchema, plate
                   model, config: ChangeConfig, measure_config, volumes) -> PlateChange:
     from bml_pipeline.measure.thickness import cartilage_thickness
 
-    region_b = common_interface_region(baseline, followup, schema, plate, transform, config)
-    region_f = pull_to_grid(baseline.with_array(region_b.astype(np.uint8)), transform, followup) > 0
-    res_b = cartilage_thickness(baseline, schema, plate, config=measure_config, region=region_b)
-    res_f = cartilage_thickness(followup, schema, plate, config=measure_config, region=region_f)
-    mean_b = res_b.mean_in(np.ones(len(res_b.thickness_mm), bool))
-    mean_f = res_f.mean_in(np.ones(len(res_f.thickness_mm), bool))
+    region = CommonInterface.build(baseline, followup, schema, plate, transform, config)
+    res_b = cartilage_thickness(baseline, schema, plate, config=measure_config)
+    res_f = cartilage_thickness(followup, schema, plate, config=measure_config)
+    # Both visits' interface points are judged in the baseline's world by one continuous rule, so the
+    # region's edge sits at the same anatomical place at both visits (no voxel re-quantisation).
+    points_f = transform.inverse().apply(res_f.points_mm)
+    in_b, in_f = region.contains(res_b.points_mm), region.contains(points_f)
+    mean_b, mean_f = res_b.mean_in(in_b), res_f.mean_in(in_f)
     subregions: dict[str, tuple[float | None, float | None]] = {}
     bone = schema.by_name(plate).bone
     if model is not None and bone is not None:
@@ -278,49 +283,67 @@ def _plate_change(baseline: Volume, followup: Volume, schema: LabelSchema, plate
 
         names = BONE_REGIONS[bone]
         idx_b = model.classify(bone, res_b.points_mm, clip_height=False)
-        idx_f = model.classify(bone, transform.inverse().apply(res_f.points_mm), clip_height=False)
+        idx_f = model.classify(bone, points_f, clip_height=False)
         for name, parts in CARTILAGE_REGIONS[bone].items():
             ids = [names.index(p) for p in parts]
-            subregions[name] = (res_b.mean_in(np.isin(idx_b, ids)), res_f.mean_in(np.isin(idx_f, ids)))
-    return PlateChange(plate, mean_b, mean_f, float(res_b.areas_mm2.sum()), float(res_f.areas_mm2.sum()),
+            subregions[name] = (res_b.mean_in(in_b & np.isin(idx_b, ids)), res_f.mean_in(in_f & np.isin(idx_f, ids)))
+    return PlateChange(plate, mean_b, mean_f, float(res_b.areas_mm2[in_b].sum()), float(res_f.areas_mm2[in_f].sum()),
                        volumes[0], volumes[1], subregions)
 
 
-def common_interface_region(baseline: Volume, followup: Volume, schema: LabelSchema, plate: str,
-                            transform: RigidTransform, config: ChangeConfig) -> np.ndarray:
-    """Boolean mask on the baseline grid: the zone within ``interface_dilation_mm`` of the plate's
-    bone-cartilage interface, limited to voxels inside both fields of view (``view_margin_mm`` from the
-    faces) once mapped through ``transform`` (baseline world -> follow-up world)."""
-    from scipy import ndimage
+@dataclass(frozen=True, eq=False)
+class CommonInterface:
+    """The part of a plate's bone-cartilage interface measured at both visits, as a rule on baseline
+    world points (RAS mm): within ``interface_dilation_mm`` of a baseline interface voxel farther than
+    ``rim_exclusion_mm`` from the plate's edge, and inside both fields of view (``view_margin_mm``)."""
 
-    structure = schema.by_name(plate)
-    out = np.zeros(baseline.shape, dtype=bool)
-    cart_full = baseline.array == structure.id
-    box = bounding_box(cart_full, margin=int(np.ceil(config.interface_dilation_mm / min(baseline.spacing))) + 2)
-    if box is None or structure.bone is None:
-        return out
-    sub = baseline.array[box]
-    bone, cart = np.isin(sub, schema.bone_ids(structure.bone)), cart_full[box]
-    six = ndimage.generate_binary_structure(3, 1)
-    touching = (bone & ndimage.binary_dilation(cart, six)) | (cart & ndimage.binary_dilation(bone, six))
-    if not touching.any():
-        return out
-    if config.rim_exclusion_mm > 0:
-        uncovered = bone & ndimage.binary_dilation(~bone, six) & ~ndimage.binary_dilation(cart, six)
-        if uncovered.any():
-            core = touching & (ndimage.distance_transform_edt(~uncovered, sampling=baseline.spacing)
-                               > config.rim_exclusion_mm)
-            if core.any():
-                touching = core
-            else:
-                log.warning("%s: plate narrower than twice the %.1f mm rim; rim kept", plate, config.rim_exclusion_mm)
-    zone = ndimage.distance_transform_edt(~touching, sampling=baseline.spacing) <= config.interface_dilation_mm
-    ijk = np.argwhere(zone) + [s.start for s in box]
-    world = baseline.world_coords(ijk)
-    keep = in_view(baseline, world, config.view_margin_mm) & in_view(followup, transform.apply(world),
-                                                                     config.view_margin_mm)
-    out[tuple(ijk[keep].T)] = True
-    return out
+    core_mm: np.ndarray  # (N, 3) RAS mm of baseline interface voxels outside the rim
+    baseline: Volume
+    followup: Volume
+    transform: RigidTransform
+    config: ChangeConfig
+
+    @classmethod
+    def build(cls, baseline: Volume, followup: Volume, schema: LabelSchema, plate: str,
+              transform: RigidTransform, config: ChangeConfig) -> CommonInterface:
+        from scipy import ndimage
+
+        structure = schema.by_name(plate)
+        empty = cls(np.zeros((0, 3)), baseline, followup, transform, config)
+        cart_full = baseline.array == structure.id
+        box = bounding_box(cart_full, margin=int(np.ceil(config.rim_exclusion_mm / min(baseline.spacing))) + 2)
+        if box is None or structure.bone is None:
+            return empty
+        sub = baseline.array[box]
+        bone, cart = np.isin(sub, schema.bone_ids(structure.bone)), cart_full[box]
+        six = ndimage.generate_binary_structure(3, 1)
+        touching = (bone & ndimage.binary_dilation(cart, six)) | (cart & ndimage.binary_dilation(bone, six))
+        if not touching.any():
+            return empty
+        if config.rim_exclusion_mm > 0:
+            uncovered = bone & ndimage.binary_dilation(~bone, six) & ~ndimage.binary_dilation(cart, six)
+            if uncovered.any():
+                core = touching & (ndimage.distance_transform_edt(~uncovered, sampling=baseline.spacing)
+                                   > config.rim_exclusion_mm)
+                if core.any():
+                    touching = core
+                else:
+                    log.warning("%s: plate narrower than twice the %.1f mm rim; rim kept", plate,
+                                config.rim_exclusion_mm)
+        core_mm = baseline.world_coords(np.argwhere(touching) + [s.start for s in box])
+        return cls(core_mm, baseline, followup, transform, config)
+
+    def contains(self, points: np.ndarray) -> np.ndarray:
+        """Which baseline-world points (N, 3) belong to the common interface."""
+        from scipy.spatial import cKDTree
+
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        if len(self.core_mm) == 0 or len(points) == 0:
+            return np.zeros(len(points), dtype=bool)
+        near, _ = cKDTree(self.core_mm).query(points, distance_upper_bound=self.config.interface_dilation_mm)
+        margin = self.config.view_margin_mm
+        return (np.isfinite(near) & in_view(self.baseline, points, margin)
+                & in_view(self.followup, self.transform.apply(points), margin))
 
 
 def in_view(volume: Volume, points: np.ndarray, margin_mm: float) -> np.ndarray:
