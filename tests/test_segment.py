@@ -243,3 +243,13 @@ def test_shipped_model_loads_and_is_small() -> None:
     assert (MODELS_DIR / "knee_synth_v1.safetensors").stat().st_size <= 20 * 2**20
     with pytest.raises(InputError, match="no shipped model"):
         Predictor.load("no_such_model", device="cpu")
+
+
+def test_dice_per_label_with_labels_not_asked_for():
+    from bml_pipeline.segment.metrics import dice_per_label
+
+    truth = np.array([0, 1, 1, 9, 9, 3])
+    pred = np.array([0, 1, 3, 9, 1, 3])
+    dice = dice_per_label(pred, truth, [1, 3])
+    assert dice[1] == pytest.approx(2 * 1 / (2 + 2))
+    assert dice[3] == pytest.approx(2 * 1 / (1 + 2))

@@ -7,7 +7,7 @@ import numpy as np
 
 def dice_per_label(pred: np.ndarray, truth: np.ndarray, labels: list[int]) -> dict[int, float]:
     """Dice coefficient per label id; NaN where the label is absent from both maps."""
-    n = max(labels) + 1
+    n = int(max(max(labels), pred.max(initial=0), truth.max(initial=0))) + 1  # labels not asked for count too
     idx = truth.astype(np.int64).ravel() * n + pred.astype(np.int64).ravel()
     confusion = np.bincount(idx, minlength=n * n).reshape(n, n)
     out = {}
