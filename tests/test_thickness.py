@@ -58,6 +58,21 @@ def test_thickening_of_2_4_percent_is_measured_within_0_3_points(phantoms) -> No
     assert 100.0 * (after.mean / before.mean - 1.0) == pytest.approx(2.4, abs=0.3)
 
 
+@pytest.mark.parametrize("angles", [(80, 0, 17), (64, 0, 17)])
+def test_plate_edges_along_thick_slices_do_not_bias_the_mean(phantoms, angles) -> None:
+    """Plate normal 80/64 deg from the 1.5 mm slice axis: two walls run along the slices, where the
+    label's edge is quantised to a whole slice. Without the edge band left out the mean reads
+    0.076/0.068 mm short (measured); with it 0.011 mm."""
+    ph = phantoms("flat", 2.0, THICK, angles_deg=angles, offset_mm=OFFSET, size_mm=24, supersample=3)
+    result = cartilage_thickness(ph.labels, SCHEMA, PLATE)
+    assert result.stats is not None
+    assert result.stats.mean == pytest.approx(2.0, abs=0.025)
+    unguarded = cartilage_thickness(ph.labels, SCHEMA, PLATE, config=MeasureConfig(edge_erosion_voxels=0)).stats
+    assert unguarded is not None and unguarded.mean < result.stats.mean - 0.03
+    # The reported interface area is the whole footprint's, edge band included.
+    assert result.stats.area_mm2 == pytest.approx(ph.interface_area_mm2, rel=0.05)
+
+
 def test_region_restricts_the_interface_points(phantoms) -> None:
     ph = phantoms("flat", 1.5, OAI, angles_deg=(35, -15, 25), offset_mm=OFFSET, size_mm=24, supersample=3)
     full = cartilage_thickness(ph.labels, SCHEMA, PLATE)

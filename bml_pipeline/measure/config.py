@@ -33,6 +33,9 @@ class MeasureConfig:
         hole_closing_voxels: the interface is closed (morphologically, on the bone surface) with a
             ball of this many times the largest voxel dimension, so thin plates that vanished from some
             voxel columns count there with zero thickness (0 turns this off).
+        edge_erosion_voxels: interface points nearer than this many times the largest voxel dimension
+            to the interface's outer edge are left out of the thickness statistics (rays there leave
+            through the plate's side or start under a voxel tooth of its edge; 0 turns this off).
         max_thickness_mm: rays from the bone interface stop searching for the articular surface here.
         ray_step_mm: sampling step along the rays before the crossing is refined by interpolation.
         decimals: measurements are rounded to this many decimals so repeated runs are byte-identical.
@@ -44,6 +47,7 @@ class MeasureConfig:
     normal_sigma_mm: float = 1.5
     max_exit_angle_deg: float = 45.0
     hole_closing_voxels: float = 1.0
+    edge_erosion_voxels: float = 0.75
     max_thickness_mm: float = 10.0
     ray_step_mm: float = 0.1
     decimals: int = 6
@@ -57,8 +61,8 @@ class MeasureConfig:
             raise ValueError("surface_sigma_voxels must be >= 0 and normal_sigma_mm > 0")
         if not 0 < self.max_exit_angle_deg <= 90:
             raise ValueError("max_exit_angle_deg must be in (0, 90]")
-        if self.hole_closing_voxels < 0:
-            raise ValueError("hole_closing_voxels must be >= 0")
+        if self.hole_closing_voxels < 0 or self.edge_erosion_voxels < 0:
+            raise ValueError("hole_closing_voxels and edge_erosion_voxels must be >= 0")
         if self.max_thickness_mm <= 0 or self.ray_step_mm <= 0:
             raise ValueError("max_thickness_mm and ray_step_mm must be > 0")
         if not 0 <= self.decimals <= 12:

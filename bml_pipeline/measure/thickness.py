@@ -19,12 +19,14 @@ e.g. Koo et al., Osteoarthritis Cartilage 2009, and of the ray-casting peers, ma
    leaves through a surface inclined more than ``max_exit_angle_deg`` to it left through the plate's
    side wall and is not a thickness sample (dropping steep exits everywhere would be a biased
    selection on the voxel staircase of the articular surface).
-5. Interface: triangles whose ray is positive with a cartilage voxel of this plate at its middle,
-   then closed morphologically on the bone surface (ball of ``hole_closing_voxels`` x the largest
+5. Interface: triangles whose ray is positive with this plate's cartilage at its middle (trilinear
+   indicator >= 0.5), then closed morphologically on the bone surface (ball of ``hole_closing_voxels`` x the largest
    voxel size). The closing matters for plates thinner than a voxel: such a plate vanishes from some
    voxel columns of a binary map; those columns keep their (zero) thickness in the average, which is
    what keeps the mean unbiased (the 0.5 levels of the bone and bone+cartilage indicators are each
-   unbiased on average, so their distance is too, but only averaged over all columns).
+   unbiased on average, so their distance is too, but only averaged over all columns). Last, a band
+   of ``edge_erosion_voxels`` x the largest voxel size along the footprint's edge is left out of the
+   statistics: rays there leave through the plate's side or start under a staircase tooth of the edge.
 6. Statistics are area-weighted over the interface (each triangle's world area projected onto the
    smooth normal's plane, so staircase facets count with the area they stand for), so no direction
    or anisotropic spacing is favoured.
@@ -44,7 +46,7 @@ The plain reference (2 x the Euclidean distance transform on the plate's skeleto
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -58,7 +60,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ThicknessStats:
-    """Area-weighted thickness distribution over the interface (mm) and the interface area (mm2)."""
+    """Area-weighted thickness distribution over the interface (mm) and the interface area (mm2, the
+    whole interface, its edge band included)."""
 
     mean: float
     median: float
@@ -80,7 +83,8 @@ class ThicknessResult:
         thickness_mm: (N,) thickness at each interface point, mm.
         points_mm: (N, 3) world RAS mm of the interface points (on the bone surface).
         normals: (N, 3) unit outward bone normals (world) along which thickness was measured.
-        areas_mm2: (N,) interface area each point stands for, mm2 (weights of every statistic).
+        areas_mm2: (N,) interface area each point stands for, mm2 (weights of every statistic); the
+            points of the edge band left out of the statistics are not among the N.
         stats: area-weighted summary; None when the plate has no interface with its bone.
         map_crop: the thickness map on the index box ``map_box`` of the label grid ``grid``
             (kept cropped; :attr:`thickness_map` places it on the full grid when asked).
@@ -186,8 +190,9 @@ def cartilage_thickness(labels: Volume, schema: LabelSchema, plate: str, *, conf
     step_idx = normals @ inv_linear.T
     length = _ray_lengths(union_s, centroids_idx, step_idx, ok, config.ray_step_mm, config.max_thickness_mm)
     reached = np.nan_to_num(length)
-    mid_idx = np.clip(np.rint(centroids_idx + 0.5 * reached[:, None] * step_idx).astype(int), 0, np.array(sub.shape) - 1)
-    candidates = np.isfinite(length) & (reached > 0) & cart[mid_idx[:, 0], mid_idx[:, 1], mid_idx[:, 2]]
+    mid_idx = centroids_idx + 0.5 * reached[:, None] * step_idx
+    in_cart = ndimage.map_coordinates(cart.astype(np.float32), mid_idx.T, order=1, mode="nearest") >= 0.5
+    candidates = np.isfinite(length) & (reached > 0) & in_cart
     # Near the edge of the footprint, a ray that leaves through a surface steeply inclined to it left
     # through the plate's side wall, not its articular surface: it is not a thickness sample. Away from
     # the edge no ray is dropped (voxel-staircase facets would make that selection biased).
@@ -203,13 +208,24 @@ def cartilage_thickness(labels: Volume, schema: LabelSchema, plate: str, *, conf
     # voxel vanished from some voxel columns, those columns count with their (zero) thickness, so
     # the mean stays unbiased instead of averaging only the columns that kept a cartilage voxel.
     keep = _close_on_surface(points_world, seeds, close_r) & measured
+    # The outermost band of the footprint (edge_erosion_voxels x the largest voxel size) is left out:
+    # there rays leave through the plate's side wall or start under a voxel tooth of its edge and
+    # read short (about -0.05 mm on the mean of a 30 mm plate at 1.5 mm slices). Not when that would
+    # leave less than half of the interface (narrow or thin plates keep every ray).
+    erode = config.edge_erosion_voxels * float(max(spacing))
+    inner = keep & (_distance_to(points_world, keep, ~keep) > erode) if erode > 0 else keep
+    if inner.sum() <= 0.5 * keep.sum():
+        inner = keep
     if region is not None:
         near_idx = np.clip(np.rint(centroids_idx + crop_origin).astype(int), 0, np.array(labels.shape) - 1)
-        keep &= np.asarray(region, bool)[near_idx[:, 0], near_idx[:, 1], near_idx[:, 2]]
+        in_region = np.asarray(region, bool)[near_idx[:, 0], near_idx[:, 1], near_idx[:, 2]]
+        keep, inner = keep & in_region, inner & in_region
+    interface_area = float(areas[keep].sum())
+    keep = inner
     thickness, weights = length[keep], areas[keep]
     points = world_origin + centroids_idx[keep] @ linear.T
     log.debug("%s: %d interface triangles of %d, area %.1f mm2", plate, int(keep.sum()), len(keep), weights.sum())
-    stats = weighted_stats(thickness, weights) if thickness.size else None
+    stats = replace(weighted_stats(thickness, weights), area_mm2=interface_area) if thickness.size else None
     crop = _thickness_map(labels, cart, centroids_idx[keep], step_idx[keep], thickness, weights)
     return ThicknessResult(plate, thickness, points, normals[keep], weights, stats, crop, box, _grid_of(labels))
 
