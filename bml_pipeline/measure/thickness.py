@@ -213,7 +213,11 @@ def cartilage_thickness(labels: Volume, schema: LabelSchema, plate: str, *, conf
     # read short (about -0.05 mm on the mean of a 30 mm plate at 1.5 mm slices). Not when that would
     # leave less than half of the interface (narrow or thin plates keep every ray).
     erode = config.edge_erosion_voxels * float(max(spacing))
-    inner = keep & (_distance_to(points_world, keep, ~keep) > erode) if erode > 0 else keep
+    if erode > 0:  # distance to the footprint's outer edge: holes inside it are closed first
+        footprint = _close_on_surface(points_world, keep, 2.0 * erode)
+        inner = keep & (_distance_to(points_world, footprint, ~footprint) > erode)
+    else:
+        inner = keep
     if inner.sum() <= 0.5 * keep.sum():
         inner = keep
     if region is not None:
