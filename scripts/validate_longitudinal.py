@@ -8,6 +8,12 @@ spacing (0.7 x 0.365 x 0.365 mm, or ``--spacing dess`` 0.3125 x 0.3125 x 1.5 mm)
   cartilage thickness x 1.024 (+2.4 %), and a field of view cut 12 mm lower at the top (the femoral
   shaft is cut elsewhere) while the baseline loses 8 mm of tibial shaft at the bottom.
 
+``--route images`` goes through the segmentation stage: each phantom visit becomes a synthesized PD
+fat-suppressed image (:func:`bml_pipeline.synth.image.synthesize`, a seed per visit), the shipped model
+segments it (``--model``), optionally followed by the classical BML refinement (``--refine``), and the
+change is computed on the predicted label maps. Printed per pair: the BML and thickness change and, for
+reference, the bone and lesion Dice of each visit's prediction.
+
 ``--route real`` uses real OAI label maps instead (``../shared/data/oai_labels``, the 00m visits) with
 :func:`bml_pipeline.synth.change.inject_change`: the *baseline* is the real map with its femoral BML grown
 by 2.1 cm3 and its femoral cartilage thinned on the articular side by 1 - 1/1.024, repositioned by a
@@ -38,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bml_pipeline.errors import InputError
 from bml_pipeline.labels import load_schema
 from bml_pipeline.longitudinal.change import compare_visits
 from bml_pipeline.longitudinal.transform import RigidTransform, rotation_difference_deg
@@ -104,10 +111,22 @@ def make_real_pair(rng: np.random.Generator, path: Path):
     return baseline, original, RigidTransform(np.linalg.inv(motion)), bml_delta, thickness_pct
 
 
+def minus(value: float | None, truth: float) -> float | None:
+    return None if value is None else value - truth
+
+
+def num(value: float | None, spec: str) -> str:
+    """``value`` formatted with ``spec``, or n/a (same width) when it is None."""
+    if value is None:
+        width = int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0)
+        return "n/a".rjust(width)
+    return format(value, spec)
+
+
 def evaluate(baseline: Volume, followup: Volume, truth: RigidTransform, bml_truth: float = BML_CHANGE_CM3,
-             thickness_truth: float = 100.0 * (THICKNESS_GAIN - 1.0)) -> dict[str, float]:
+             thickness_truth: float = 100.0 * (THICKNESS_GAIN - 1.0), force: bool = False) -> dict[str, float]:
     schema = load_schema("oai_zib")
-    change = compare_visits(baseline, followup, schema)
+    change = compare_visits(baseline, followup, schema, force=force)
     d = change.to_dict()
     femur_bml = d["bml"]["femur"]
     fc = d["cartilage"]["femoral_cartilage"]
@@ -117,10 +136,10 @@ def evaluate(baseline: Volume, followup: Volume, truth: RigidTransform, bml_trut
     return {
         "bml_femur_delta_cm3": femur_bml["delta_cm3"],
         "bml_true_delta_cm3": bml_truth,
-        "bml_error_cm3": femur_bml["delta_cm3"] - bml_truth,
+        "bml_error_cm3": minus(femur_bml["delta_cm3"], bml_truth),
         "thickness_delta_percent": fc["delta_percent"],
         "thickness_true_delta_percent": thickness_truth,
-        "thickness_error_pp": fc["delta_percent"] - thickness_truth,
+        "thickness_error_pp": minus(fc["delta_percent"], thickness_truth),
         "tibial_thickness_delta_percent": d["cartilage"]["tibial_cartilage"]["delta_percent"],
         "rotation_true_deg": truth.rotation_deg,
         "rotation_error_deg": max(rot[b] for b in CHECKED_BONES),
@@ -131,13 +150,31 @@ def evaluate(baseline: Volume, followup: Volume, truth: RigidTransform, bml_trut
     }
 
 
+def segmented(predictor, labels: Volume, seed: int, refine: bool) -> tuple[Volume, dict[str, float]]:
+    """Predicted labels of a PD-FS image synthesized from ``labels``, and their Dice per structure."""
+    from bml_pipeline.segment.bml import refine_lesions
+    from bml_pipeline.segment.metrics import dice_per_label
+    from bml_pipeline.synth.image import synthesize
+
+    schema = load_schema("oai_zib")
+    synthesis = synthesize(labels, schema, preset="pd_fs", seed=seed)
+    predicted = predictor.segment(synthesis.image)
+    if refine:
+        predicted = refine_lesions(synthesis.image, predicted, schema, predictor.config.bml_refine, "pd_fs")
+    dice = dice_per_label(predicted.array, synthesis.labels.array, [1, 3, 7])
+    return predicted, {"femur": dice[1], "tibia": dice[3], "femoral_bml": dice[7]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="accuracy of the longitudinal stage on synthetic pairs")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--spacing", choices=sorted(SPACINGS), default="oai")
-    parser.add_argument("--route", choices=("phantom", "real"), default="phantom",
-                        help="analytic phantom pairs, or real OAI label maps with injected change")
+    parser.add_argument("--route", choices=("phantom", "real", "images"), default="phantom",
+                        help="analytic phantom pairs, real OAI label maps with injected change, or phantom "
+                             "pairs as synthesized images through the segmentation stage")
+    parser.add_argument("--model", default="knee_synth_v1", help="segmentation model (route images)")
+    parser.add_argument("--refine", action="store_true", help="classical BML refinement (route images)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "oai_labels"))
     parser.add_argument("--json", help="write the per-pair results here")
     args = parser.parse_args(argv)
@@ -154,9 +191,26 @@ def main(argv: list[str] | None = None) -> int:
           "tibial thickness 0 %")
     print(head)
     print("-" * len(head))
+    predictor = None
+    if args.route == "images":
+        from bml_pipeline.segment.predictor import Predictor
+
+        predictor = Predictor.load(args.model, device="cpu")
     for i in range(args.pairs):
         start = time.perf_counter()
-        if args.route == "real":
+        if args.route == "images":
+            base, foll, truth = make_pair(rng, SPACINGS[args.spacing])
+            (b, dice_b), (f, dice_f) = (segmented(predictor, v.labels, 100 + 2 * i + k, args.refine)
+                                        for k, v in enumerate((base, foll)))
+            try:
+                # Forced: predicted bones may fail the same-knee check; the change is reported anyway.
+                r = evaluate(b, f, truth, force=True)
+            except InputError as error:
+                print(f"{i:>4} failed: {error}", flush=True)
+                continue
+            r["dice"] = {"baseline": dice_b, "followup": dice_f}
+            print(f"     Dice baseline {dice_b}, follow-up {dice_f}", flush=True)
+        elif args.route == "real":
             baseline, followup, truth, bml_truth, thickness_truth = make_real_pair(rng, paths[i])
             r = evaluate(baseline, followup, truth, bml_truth, thickness_truth)
             r["source"] = paths[i].name
@@ -166,15 +220,20 @@ def main(argv: list[str] | None = None) -> int:
         r["seconds"] = time.perf_counter() - start
         results.append(r)
         les = r["lesions"]
-        print(f"{i:>4} {r['rotation_true_deg']:>9.2f} {r['bml_femur_delta_cm3']:>11.4f} {r['bml_error_cm3']:>+7.4f} "
-              f"{r['thickness_delta_percent']:>11.3f} {r['thickness_error_pp']:>+8.3f} "
-              f"{r['tibial_thickness_delta_percent']:>+9.3f} {r['rotation_error_deg']:>8.3f} "
-              f"{r['rotation_error_patella_deg']:>8.2f} "
-              f"{r['translation_error_mm']:>9.3f} {r['residual_max_mm']:>6.3f} "
+        print(f"{i:>4} {r['rotation_true_deg']:>9.2f} {num(r['bml_femur_delta_cm3'], '>11.4f')} "
+              f"{num(r['bml_error_cm3'], '>+7.4f')} {num(r['thickness_delta_percent'], '>11.3f')} "
+              f"{num(r['thickness_error_pp'], '>+8.3f')} {num(r['tibial_thickness_delta_percent'], '>+9.3f')} "
+              f"{num(r['rotation_error_deg'], '>8.3f')} {num(r['rotation_error_patella_deg'], '>8.2f')} "
+              f"{num(r['translation_error_mm'], '>9.3f')} {num(r['residual_max_mm'], '>6.3f')} "
               f"{les['persisting']:>5}/{les['new']}/{les['resolved']:<5} {r['seconds']:>5.0f}s", flush=True)
+    if not results:
+        print("no pair could be evaluated")
+        return 1
+    # A change that could not be measured (None: e.g. no lesion predicted at either visit) counts as failed.
     worst = {
-        "bml_cm3": max(abs(r["bml_error_cm3"]) for r in results),
-        "thickness_pp": max(abs(r["thickness_error_pp"]) for r in results),
+        "bml_cm3": max(abs(r["bml_error_cm3"]) if r["bml_error_cm3"] is not None else np.inf for r in results),
+        "thickness_pp": max(abs(r["thickness_error_pp"]) if r["thickness_error_pp"] is not None else np.inf
+                            for r in results),
         "rotation_deg": max(r["rotation_error_deg"] for r in results),
         "translation_mm": max(r["translation_error_mm"] for r in results),
     }
