@@ -204,7 +204,9 @@ def cartilage_thickness(labels: Volume, schema: LabelSchema, plate: str, *, conf
     # through the plate's side wall, not its articular surface: it is not a thickness sample. Away from
     # the edge no ray is dropped (voxel-staircase facets would make that selection biased).
     points_world = world_origin + centroids_idx @ linear.T
-    edge = np.flatnonzero(_distance_to(points_world, candidates, ~candidates) < reached + float(max(spacing)))
+    reach_edge = reached + float(max(spacing))
+    edge = np.flatnonzero(_distance_to(points_world, candidates, ~candidates, float(reach_edge.max(initial=0.0)))
+                          < reach_edge)
     exit_grad = _gradient_world(union_s, centroids_idx[edge] + reached[edge, None] * step_idx[edge], inv_linear)
     exit_cos = -np.einsum("ij,ij->i", exit_grad, normals[edge]) / np.maximum(np.linalg.norm(exit_grad, axis=1), 1e-12)
     wall_exit = np.zeros(len(candidates), dtype=bool)
@@ -221,7 +223,7 @@ def cartilage_thickness(labels: Volume, schema: LabelSchema, plate: str, *, conf
     erode = config.edge_erosion_voxels * float(max(spacing))
     if erode > 0:  # distance to the footprint's outer edge: holes inside it are closed first
         footprint = _close_on_surface(points_world, keep, 2.0 * erode)
-        inner = keep & (_distance_to(points_world, footprint, ~footprint) > erode)
+        inner = keep & (_distance_to(points_world, footprint, ~footprint, erode) > erode)
     else:
         inner = keep
     if not inner.any():  # a plate narrower than the band keeps every ray
@@ -240,13 +242,14 @@ def cartilage_thickness(labels: Volume, schema: LabelSchema, plate: str, *, conf
     return ThicknessResult(plate, thickness, points, normals[keep], weights, stats, crop, box, _grid_of(labels))
 
 
-def _distance_to(points: np.ndarray, query: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Distance (mm) from each ``points[query]`` to the nearest ``points[target]``; inf elsewhere."""
+def _distance_to(points: np.ndarray, query: np.ndarray, target: np.ndarray, upper: float = np.inf) -> np.ndarray:
+    """Distance (mm) from each ``points[query]`` to the nearest ``points[target]``; inf elsewhere and
+    where it exceeds ``upper`` (a bound makes the search much cheaper)."""
     from scipy.spatial import cKDTree
 
     out = np.full(len(points), np.inf)
     if query.any() and target.any():
-        out[query] = cKDTree(points[target]).query(points[query])[0]
+        out[query] = cKDTree(points[target]).query(points[query], distance_upper_bound=upper)[0]
     return out
 
 
