@@ -62,8 +62,7 @@ def bone_surface(mask: np.ndarray, affine: np.ndarray, keep: np.ndarray | None =
     areas = np.linalg.norm(cross, axis=1)
     good = areas > 0
     normals = cross[good] / areas[good, None]
-    # marching_cubes orders faces so that the normal points towards lower values: outward of the bone
-    # (the gradient descent direction); flip if a sign convention differs.
+    # The triangles' winding and the affine's handedness decide the sign; probing the field fixes it.
     points = tri[good].mean(axis=1) + origin
     areas = areas[good]
     outward = _outward_sign(field, centroid_idx[ok][good], normals, linear)
