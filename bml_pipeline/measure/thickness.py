@@ -20,11 +20,11 @@ e.g. Koo et al., Osteoarthritis Cartilage 2009, and of the ray-casting peers, ma
    side wall and is not a thickness sample (dropping steep exits everywhere would be a biased
    selection on the voxel staircase of the articular surface).
 5. Interface: triangles whose ray is positive with this plate's cartilage at its middle (trilinear
-   indicator >= 0.5), then closed morphologically on the bone surface (ball of
-   ``hole_closing_voxels`` x the largest voxel size). The closing matters for plates thinner than a voxel: such a plate vanishes from some
-   voxel columns of a binary map; those columns keep their (zero) thickness in the average, which is
-   what keeps the mean unbiased (the 0.5 levels of the bone and bone+cartilage indicators are each
-   unbiased on average, so their distance is too, but only averaged over all columns). Last, a band
+   indicator >= 0.5), then closed morphologically on the bone surface (ball of ``hole_closing_voxels`` x
+   the largest voxel size). The closing matters for plates thinner than a voxel: such a plate vanishes
+   from some voxel columns of a binary map; those columns keep their (zero) thickness in the average,
+   which is what keeps the mean unbiased (the 0.5 levels of the bone and bone+cartilage indicators are
+   each unbiased on average, so their distance is too, but only averaged over all columns). Last, a band
    of ``edge_erosion_voxels`` x the largest voxel size along the footprint's edge is left out of the
    statistics: rays there leave through the plate's side or start under a staircase tooth of the edge.
 6. Statistics are area-weighted over the interface (each triangle's world area projected onto the
