@@ -159,7 +159,9 @@ def train(config: TrainConfig, resume: bool = True) -> Path:
                 emit(val_dice=per_label, val_main=main)
                 if main > best:
                     best = main
-                    torch.save({"model": net.state_dict(), "step": step, "val_dice": per_label}, run_dir / "best.pt")
+                    # Written aside and renamed: a run killed mid-write keeps its previous best.
+                    torch.save({"model": net.state_dict(), "step": step, "val_dice": per_label}, run_dir / "best.tmp")
+                    (run_dir / "best.tmp").replace(run_dir / "best.pt")
                 t0 = time.time()
 
     def _terminate(signum: int, frame: object) -> None:
