@@ -301,7 +301,7 @@ class CommonInterface:
     world points (RAS mm): within ``interface_dilation_mm`` of a baseline interface voxel farther than
     ``rim_exclusion_mm`` from the plate's edge, and inside both fields of view (``view_margin_mm``)."""
 
-    core_mm: np.ndarray  # (N, 3) RAS mm of baseline interface voxels outside the rim
+    core: Any  # scipy cKDTree of the RAS mm of baseline interface voxels outside the rim; None if none
     baseline: Volume
     followup: Volume
     transform: RigidTransform
@@ -313,7 +313,9 @@ class CommonInterface:
         from scipy import ndimage
 
         structure = schema.by_name(plate)
-        empty = cls(np.zeros((0, 3)), baseline, followup, transform, config)
+        from scipy.spatial import cKDTree
+
+        empty = cls(None, baseline, followup, transform, config)
         cart_full = baseline.array == structure.id
         box = bounding_box(cart_full, margin=int(np.ceil(config.rim_exclusion_mm / min(baseline.spacing))) + 2)
         if box is None or structure.bone is None:
@@ -335,16 +337,14 @@ class CommonInterface:
                     log.warning("%s: plate narrower than twice the %.1f mm rim; rim kept", plate,
                                 config.rim_exclusion_mm)
         core_mm = baseline.world_coords(np.argwhere(touching) + [s.start for s in box])
-        return cls(core_mm, baseline, followup, transform, config)
+        return cls(cKDTree(core_mm), baseline, followup, transform, config)
 
     def contains(self, points: np.ndarray) -> np.ndarray:
         """Which baseline-world points (N, 3) belong to the common interface."""
-        from scipy.spatial import cKDTree
-
         points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-        if len(self.core_mm) == 0 or len(points) == 0:
+        if self.core is None or len(points) == 0:
             return np.zeros(len(points), dtype=bool)
-        near, _ = cKDTree(self.core_mm).query(points, distance_upper_bound=self.config.interface_dilation_mm)
+        near, _ = self.core.query(points, distance_upper_bound=self.config.interface_dilation_mm)
         margin = self.config.view_margin_mm
         return (np.isfinite(near) & in_view(self.baseline, points, margin)
                 & in_view(self.followup, self.transform.apply(points), margin))
