@@ -92,53 +92,40 @@ def refine(fixed: Surface, moving: Surface, start: RigidTransform, *, max_pair_m
     tree_m, tree_f = cKDTree(moving.points), cKDTree(fixed.points)
     transform = start
     for _ in range(iterations):
-        # Rotation about the mapped baseline centroid keeps the normal equations well conditioned.
-        centre = np.average(transform.apply(fixed.points), axis=0, weights=fixed.areas)
-        rows, rhs, weights = [], [], []
-        # Baseline points mapped into the follow-up, against the follow-up's tangent planes.
-        p = transform.apply(fixed.points)
+        p = transform.apply(fixed.points)  # baseline points in the follow-up's world
         n_p = fixed.normals @ transform.rotation.T
+        # Rotation about the mapped baseline centroid keeps the normal equations well conditioned.
+        centre = np.average(p, axis=0, weights=fixed.areas)
+        # Baseline points against the follow-up's tangent planes, then follow-up points against the
+        # baseline's: in both the baseline point is the one the update moves.
         dist, j = tree_m.query(p, distance_upper_bound=max_pair_mm)
-        _pairs(p, n_p, fixed.areas, dist, j, moving, centre, rows, rhs, weights)
-        # Follow-up points mapped back, expressed in the follow-up frame: the same unknowns.
-        inv = transform.inverse()
-        q_base = inv.apply(moving.points)
-        dist, i = tree_f.query(q_base, distance_upper_bound=max_pair_mm)
-        found = np.isfinite(dist)
-        q, n_q = moving.points[found], moving.normals[found]
-        target = transform.apply(fixed.points[i[found]])
-        n_t = fixed.normals[i[found]] @ transform.rotation.T
-        agree = np.einsum("ij,ij->i", n_q, n_t) > np.cos(np.radians(45))
-        q, target, n_t, w = q[agree], target[agree], n_t[agree], moving.areas[found][agree]
-        # Moving the baseline point (target) by the update must bring it onto the follow-up point's plane
-        # (n_t: the baseline normal carried along).
-        rows.append(np.hstack([np.cross(target - centre, n_t), n_t]))
-        rhs.append(np.einsum("ij,ij->i", q - target, n_t))
-        weights.append(w)
-        a, b, w = np.vstack(rows), np.concatenate(rhs), np.concatenate(weights)
+        f = np.isfinite(dist)
+        forward = _plane_rows(p[f], moving.points[j[f]], moving.normals[j[f]], n_p[f], fixed.areas[f], centre)
+        dist, i = tree_f.query(transform.inverse().apply(moving.points), distance_upper_bound=max_pair_mm)
+        f = np.isfinite(dist)
+        backward = _plane_rows(p[i[f]], moving.points[f], n_p[i[f]], moving.normals[f], moving.areas[f], centre)
+        a, b, w = (np.concatenate(parts) for parts in zip(forward, backward))
         if len(b) < 100:
             return start
         # Robust: drop the worst 10 % of pairs (misassigned near rims and view faces).
         keep = np.abs(b) <= np.quantile(np.abs(b), 0.9)
         a, b, w = a[keep], b[keep], w[keep]
         x, *_ = np.linalg.lstsq(a * np.sqrt(w)[:, None], b * np.sqrt(w), rcond=None)
-        update = _small_rigid(x[:3], x[3:], centre)
-        transform = update.compose(transform)
+        transform = _small_rigid(x[:3], x[3:], centre).compose(transform)
         if np.linalg.norm(x[:3]) < 1e-4 and np.linalg.norm(x[3:]) < 1e-4:
             break
     return transform
 
 
-def _pairs(p: np.ndarray, n_p: np.ndarray, areas: np.ndarray, dist: np.ndarray, j: np.ndarray,
-           moving: Surface, centre: np.ndarray, rows: list, rhs: list, weights: list) -> None:
-    """Append the point-to-plane rows of mapped baseline points ``p`` paired with follow-up points."""
-    found = np.isfinite(dist)
-    q, n_q = moving.points[j[found]], moving.normals[j[found]]
-    agree = np.einsum("ij,ij->i", n_p[found], n_q) > np.cos(np.radians(45))
-    src, q, n_q = p[found][agree], q[agree], n_q[agree]
-    rows.append(np.hstack([np.cross(src - centre, n_q), n_q]))
-    rhs.append(np.einsum("ij,ij->i", q - src, n_q))
-    weights.append(areas[found][agree])
+def _plane_rows(moved: np.ndarray, target: np.ndarray, plane_normal: np.ndarray, other_normal: np.ndarray,
+                weight: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Linearised point-to-plane equations: a small rotation (about ``centre``) and translation of the
+    points ``moved`` should bring each onto the plane through ``target`` with ``plane_normal``. Pairs
+    whose normals (``plane_normal``, ``other_normal``) are more than 45 deg apart are dropped.
+    Returns the rows (N, 6), right-hand sides (N,) and weights (N,)."""
+    agree = np.einsum("ij,ij->i", plane_normal, other_normal) > np.cos(np.radians(45))
+    moved, target, n, w = moved[agree], target[agree], plane_normal[agree], weight[agree]
+    return np.hstack([np.cross(moved - centre, n), n]), np.einsum("ij,ij->i", target - moved, n), w
 
 
 def _small_rigid(omega: np.ndarray, translation: np.ndarray, centre: np.ndarray) -> RigidTransform:
