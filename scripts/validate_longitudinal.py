@@ -76,13 +76,13 @@ def cut(volume: Volume, axis_world: int, top_mm: float, bottom_mm: float) -> Vol
     return volume.crop(tuple(slices))
 
 
-def make_pair(rng: np.random.Generator, spacing: tuple[float, float, float]):
+def make_pair(rng: np.random.Generator, spacing: tuple[float, float, float], gain: float = THICKNESS_GAIN):
     """(baseline phantom, follow-up phantom, true baseline->follow-up transform)."""
     femoral, tibial = DEFAULT_LESIONS
     base_spec = KneeSpec(pose=Pose.random(rng, 5.0, 3.0), lesions=(replace(femoral, volume_cm3=BASE_FEMORAL_BML_CM3), tibial))
     foll_spec = KneeSpec(pose=Pose.random(rng, 10.0, 5.0),
                          lesions=(replace(femoral, volume_cm3=BASE_FEMORAL_BML_CM3 + BML_CHANGE_CM3), tibial),
-                         thickness_scale=(("femoral_cartilage", THICKNESS_GAIN),))
+                         thickness_scale=(("femoral_cartilage", gain),))
     base = make_phantom(base_spec, spacing=spacing)
     foll = make_phantom(foll_spec, spacing=spacing)
     truth = RigidTransform(foll_spec.world_from_local() @ np.linalg.inv(base_spec.world_from_local()))
@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--route", choices=("phantom", "real", "images"), default="phantom",
                         help="analytic phantom pairs, real OAI label maps with injected change, or phantom "
                              "pairs as synthesized images through the segmentation stage")
+    parser.add_argument("--gain", type=float, default=THICKNESS_GAIN,
+                        help="femoral thickness factor at follow-up, phantom routes (1.0: pose dependence alone)")
     parser.add_argument("--model", default="knee_synth_v1", help="segmentation model (route images)")
     parser.add_argument("--refine", action="store_true", help="classical BML refinement (route images)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "oai_labels"))
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     head = (f"{'pair':>4} {'rot (deg)':>9} {'BML d (cm3)':>11} {'err':>7} {'thick d (%)':>11} {'err (pp)':>8} "
             f"{'tib d (%)':>9} {'rot err':>8} {'pat rot':>8} {'trans err':>9} {'resid':>6} {'lesions p/n/r':>13} {'time':>6}")
     grid = "real OAI label maps (0.7 x 0.365 x 0.365 mm)" if args.route == "real" else f"phantom, spacing {SPACINGS[args.spacing]} mm"
-    print(f"{grid}; truth: BML {BML_CHANGE_CM3:+.2f} cm3, thickness {100 * (THICKNESS_GAIN - 1):+.1f} %, "
+    print(f"{grid}; truth: BML {BML_CHANGE_CM3:+.2f} cm3, thickness {100 * (args.gain - 1):+.1f} % (phantom routes), "
           "tibial thickness 0 %")
     print(head)
     print("-" * len(head))
@@ -199,12 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.pairs):
         start = time.perf_counter()
         if args.route == "images":
-            base, foll, truth = make_pair(rng, SPACINGS[args.spacing])
+            base, foll, truth = make_pair(rng, SPACINGS[args.spacing], args.gain)
             (b, dice_b), (f, dice_f) = (segmented(predictor, v.labels, 100 + 2 * i + k, args.refine)
                                         for k, v in enumerate((base, foll)))
             try:
                 # Forced: predicted bones may fail the same-knee check; the change is reported anyway.
-                r = evaluate(b, f, truth, force=True)
+                r = evaluate(b, f, truth, thickness_truth=100.0 * (args.gain - 1.0), force=True)
             except InputError as error:
                 print(f"{i:>4} failed: {error}", flush=True)
                 continue
@@ -215,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             r = evaluate(baseline, followup, truth, bml_truth, thickness_truth)
             r["source"] = paths[i].name
         else:
-            base, foll, truth = make_pair(rng, SPACINGS[args.spacing])
-            r = evaluate(cut(base.labels, 2, 0.0, 8.0), cut(foll.labels, 2, 12.0, 0.0), truth)
+            base, foll, truth = make_pair(rng, SPACINGS[args.spacing], args.gain)
+            r = evaluate(cut(base.labels, 2, 0.0, 8.0), cut(foll.labels, 2, 12.0, 0.0), truth,
+                         thickness_truth=100.0 * (args.gain - 1.0))
         r["seconds"] = time.perf_counter() - start
         results.append(r)
         les = r["lesions"]
