@@ -36,6 +36,12 @@ class MeasureConfig:
         edge_erosion_voxels: interface points nearer than this many times the largest voxel dimension
             to the interface's outer edge are left out of the thickness statistics (rays there leave
             through the plate's side or start under a voxel tooth of its edge; 0 turns this off).
+        shape_interp_full_step_mm, shape_interp_cutoff_step_mm: where a surface meets the slices at a
+            small tilt, the label map is a staircase whose steps are ``slice spacing / tan(tilt)`` mm
+            long. Up to ``shape_interp_full_step_mm`` the thickness is measured on the shape-based
+            interpolation of the slices (their in-plane signed distance, linear across slices), beyond
+            ``shape_interp_cutoff_step_mm`` on the smoothed labels, linearly blended in between (see
+            thickness.py; a cutoff of 0 turns shape-based interpolation off).
         max_thickness_mm: rays from the bone interface stop searching for the articular surface here.
         ray_step_mm: sampling step along the rays before the crossing is refined by interpolation.
         decimals: measurements are rounded to this many decimals so repeated runs are byte-identical.
@@ -48,6 +54,8 @@ class MeasureConfig:
     max_exit_angle_deg: float = 45.0
     hole_closing_voxels: float = 1.0
     edge_erosion_voxels: float = 0.75
+    shape_interp_full_step_mm: float = 8.0
+    shape_interp_cutoff_step_mm: float = 12.0
     max_thickness_mm: float = 10.0
     ray_step_mm: float = 0.1
     decimals: int = 6
@@ -63,6 +71,8 @@ class MeasureConfig:
             raise ValueError("max_exit_angle_deg must be in (0, 90]")
         if self.hole_closing_voxels < 0 or self.edge_erosion_voxels < 0:
             raise ValueError("hole_closing_voxels and edge_erosion_voxels must be >= 0")
+        if not 0 <= self.shape_interp_full_step_mm <= self.shape_interp_cutoff_step_mm:
+            raise ValueError("need 0 <= shape_interp_full_step_mm <= shape_interp_cutoff_step_mm")
         if self.max_thickness_mm <= 0 or self.ray_step_mm <= 0:
             raise ValueError("max_thickness_mm and ray_step_mm must be > 0")
         if not 0 <= self.decimals <= 12:
