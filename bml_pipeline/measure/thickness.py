@@ -293,9 +293,16 @@ def _blend_shape_based(length: np.ndarray, bone: np.ndarray, union: np.ndarray, 
     inside = _ray_lengths(d_bone, start - SEARCH_MM * step, step, yes, SHAPE_STEP_MM, 2.0 * SEARCH_MM, level=0.0)
     found = np.isfinite(inside) & (inside > 0)
     bone_at = np.where(found, inside - SEARCH_MM, 0.0)
-    shape = _ray_lengths(d_union, start + bone_at[:, None] * step, step, found, SHAPE_STEP_MM,
-                         config.max_thickness_mm, level=0.0)
-    good = np.isfinite(shape)
+    # Both estimates read the same labels, so their lengths differ by less than a voxel diagonal:
+    # the articular surface is searched from that far before the smoothed-label one. This skips
+    # one-voxel gaps between bone and cartilage in hand-drawn labels (which smoothing bridges but
+    # in-plane distances do not), and a ray whose estimates disagree by more keeps the smoothed one.
+    window = float(np.linalg.norm(spacing))
+    skip = np.maximum(length[rows] - window, 0.0)
+    rest = _ray_lengths(d_union, start + (bone_at + skip)[:, None] * step, step, found, SHAPE_STEP_MM,
+                        config.max_thickness_mm, level=0.0)
+    shape = skip + rest
+    good = np.isfinite(rest) & (rest > 0) & (np.abs(shape - length[rows]) <= window)
     out = length.copy()
     w = weight[rows][good]
     out[rows[good]] = w * shape[good] + (1.0 - w) * length[rows[good]]
