@@ -25,12 +25,12 @@ from scipy.spatial import cKDTree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import validate_longitudinal as V  # noqa: E402
+import validate_longitudinal as V
 
-from bml_pipeline.labels import load_schema  # noqa: E402
-from bml_pipeline.longitudinal.change import ChangeConfig, CommonInterface  # noqa: E402
-from bml_pipeline.measure import cartilage_thickness  # noqa: E402
-from bml_pipeline.synth.plates import cylinder_plate, rotation_matrix  # noqa: E402
+from bml_pipeline.labels import load_schema
+from bml_pipeline.longitudinal.change import ChangeConfig, CommonInterface
+from bml_pipeline.measure import cartilage_thickness
+from bml_pipeline.synth.plates import cylinder_plate, rotation_matrix
 
 SCHEMA = load_schema("oai_zib")
 PLATE = "femoral_cartilage"
