@@ -11,7 +11,6 @@ def write_series(folder: Path, *, n_slices: int = 4, rows: int = 6, cols: int = 
                  slice_step: float = 1.5, series_uid: str = "1.2.826.0.1.3680043.8.498.1",
                  description: str = "Sag test", laterality: str | None = "R", seed: int = 0) -> np.ndarray:
     """Write a series into ``folder``; returns the pixel data as (slices, rows, cols)."""
-    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 

@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from dicom_factory import write_series
 
 from bml_pipeline.cli import main
 from bml_pipeline.errors import InputError
@@ -17,7 +18,6 @@ from bml_pipeline.io import read_labels, read_volume, write_nifti
 from bml_pipeline.io.orientation import LPS_TO_RAS
 from bml_pipeline.labels import load_schema
 from bml_pipeline.volume import Volume
-from dicom_factory import write_series
 
 
 def rotation(axis: str, degrees: float) -> np.ndarray:
@@ -267,9 +267,9 @@ def test_info_reports_labels_and_version(tmp_path: Path, capsys) -> None:
 
 
 def test_atomic_writes_leave_no_temporary_files_and_usual_permissions(tmp_path: Path) -> None:
-    from bml_pipeline.io import atomic_path, write_text_atomic
-
     import os
+
+    from bml_pipeline.io import atomic_path, write_text_atomic
 
     previous = os.umask(0o022)
     try:
@@ -277,8 +277,7 @@ def test_atomic_writes_leave_no_temporary_files_and_usual_permissions(tmp_path: 
     finally:
         os.umask(previous)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
-    with pytest.raises(RuntimeError):
-        with atomic_path(tmp_path / "b.nii.gz") as tmp:
-            tmp.write_bytes(b"partial")
-            raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "b.nii.gz") as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("killed mid-write")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]

@@ -56,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    fmt = lambda v: " x ".join(f"{x:g}" for x in v)  # noqa: E731
+    fmt = lambda v: " x ".join(f"{x:g}" for x in v)
     print(f"{info['path']}")
     print(f"  shape        {fmt(info['shape'])} voxels ({info['dtype']})")
     print(f"  spacing      {fmt(info['spacing_mm'])} mm")

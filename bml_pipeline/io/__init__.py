@@ -13,11 +13,25 @@ import numpy as np
 from bml_pipeline.errors import InputError
 from bml_pipeline.io.atomic import atomic_path, write_bytes_atomic, write_text_atomic
 from bml_pipeline.io.orientation import to_closest_canonical
-from bml_pipeline.io.readers import ITK_SUFFIXES, NIFTI_SUFFIXES, list_dicom_series, read_dicom_series, read_itk_file, read_nifti
+from bml_pipeline.io.readers import (
+    ITK_SUFFIXES,
+    NIFTI_SUFFIXES,
+    list_dicom_series,
+    read_dicom_series,
+    read_itk_file,
+    read_nifti,
+)
 from bml_pipeline.volume import Volume
 
-__all__ = ["read_volume", "read_labels", "write_nifti", "atomic_path", "write_text_atomic",
-           "write_bytes_atomic", "list_dicom_series"]
+__all__ = [
+    "atomic_path",
+    "list_dicom_series",
+    "read_labels",
+    "read_volume",
+    "write_bytes_atomic",
+    "write_nifti",
+    "write_text_atomic",
+]
 
 
 def read_volume(path: str | Path, *, series_uid: str | None = None, canonical: bool = True,

@@ -16,7 +16,7 @@ import numpy as np
 
 from bml_pipeline.errors import InputError
 from bml_pipeline.io.orientation import affine_from_itk
-from bml_pipeline.volume import Volume, VolumeMeta
+from bml_pipeline.volume import VolumeMeta
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 logger = logging.getLogger(__name__)
