@@ -54,11 +54,11 @@ Thickness *change* over a fixed region is unaffected by either convention (see t
 
 Limit: a plate whose normal lies within about 7 deg of the slice axis at 1.5 mm slices (steps longer
 than 12 mm; 3 deg at 0.7 mm) keeps the smoothed-label estimate, blended up to 11 deg (5 deg), and a
-thickening of 2.4 % can read 2.0-3.0 % at 8 deg: the binary label map itself carries 1.8-2.5 %
-(scripts/validate_volumetry.py, tables 3 and 3b). Near a plate's walls the interpolation joins a wall
-to the articular surface over about one step, which costs up to 0.2-0.5 pp on 20 mm plates at tilts
-of 12-20 deg. Sagittally sliced knee cartilage
-mostly faces across the slice axis (tilt 60-90 deg, steps under 1 mm).
+thickening of 2.4 % can read 2.0-3.0 % at 8 deg, where the binary label map of a 30 mm plate itself
+carries 1.8 % (scripts/validate_volumetry.py, tables 3 and 3b). Near a plate's walls the interpolation
+joins a wall to the articular surface over about one step, which costs up to 0.2-0.5 pp on 20 mm plates
+at tilts of 12-20 deg. Sagittally sliced knee cartilage mostly faces across the slice axis (tilt 60-90
+deg, steps under 1 mm).
 
 The plain reference (2 x the Euclidean distance transform on the plate's skeleton) is
 :func:`skeleton_edt_thickness`; ``scripts/validate_volumetry.py`` compares both on analytic phantoms.
