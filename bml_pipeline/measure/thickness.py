@@ -178,7 +178,8 @@ def cartilage_thickness(labels: Volume, schema: LabelSchema, plate: str, *, conf
     sigma = config.surface_sigma_voxels
     bone_f = bone.astype(np.float32)
     bone_s = ndimage.gaussian_filter(bone_f, sigma) if sigma > 0 else bone_f
-    union_f = (bone | cart).astype(np.float32)
+    union = bone | cart
+    union_f = union.astype(np.float32)
     union_s = ndimage.gaussian_filter(union_f, sigma) if sigma > 0 else union_f
     bone_n = ndimage.gaussian_filter(bone_f, config.normal_sigma_mm / spacing, truncate=3.0)
 
@@ -249,7 +250,7 @@ def cartilage_thickness(labels: Volume, schema: LabelSchema, plate: str, *, conf
         keep, inner = keep & in_region, inner & in_region
     interface_area = float(areas[keep].sum())
     keep = inner
-    thickness = _blend_shape_based(length[keep], bone, bone | cart, centroids_idx[keep], step_idx[keep], spacing,
+    thickness = _blend_shape_based(length[keep], bone, union, centroids_idx[keep], step_idx[keep], spacing,
                                    config)
     weights = areas[keep]
     points = world_origin + centroids_idx[keep] @ linear.T
@@ -293,7 +294,8 @@ def _blend_shape_based(length: np.ndarray, bone: np.ndarray, union: np.ndarray, 
     start, step = start_idx[rows], step_idx[rows]
     yes = np.ones(len(rows), dtype=bool)
     # The shape-based bone surface along the ray, searched from SEARCH_MM inside the smoothed one.
-    inside = _ray_lengths(d_bone, start - SEARCH_MM * step, step, yes, SHAPE_STEP_MM, 2.0 * SEARCH_MM, level=0.0)
+    inside = _ray_lengths(d_bone, start - SEARCH_MM * step, step, yes, SHAPE_STEP_MM, 2.0 * SEARCH_MM,
+                          level=0.0)
     found = np.isfinite(inside) & (inside > 0)
     bone_at = np.where(found, inside - SEARCH_MM, 0.0)
     # Both estimates read the same labels, so their lengths differ by less than a voxel diagonal:
@@ -328,15 +330,16 @@ SEARCH_MM = 2.0  # how far inside the smoothed bone surface the shape-based one 
 SHAPE_STEP_MM = 0.25  # ray sampling in the shape-based fields: distances, near-linear between samples
 
 
-def _slice_signed_distance(mask: np.ndarray, spacing: np.ndarray, axis: int, cap_mm: float = 10.0) -> np.ndarray:
+def _slice_signed_distance(mask: np.ndarray, spacing: np.ndarray, axis: int,
+                           cap_mm: float = 10.0) -> np.ndarray:
     """In-plane signed distance (mm, positive inside, within +-``cap_mm``) of ``mask`` in each slice
     across ``axis``; linear interpolation across slices is then shape-based interpolation.
 
     SimpleITK's Maurer transform (exact), slice by slice on :func:`available_threads` threads (it
-    releases the GIL). Its
-    zero lies on the boundary pixels of the region transformed, so the transforms of the mask and of
-    its complement are averaged: the zero then lies midway between inside and outside pixels, for any
-    in-plane direction of the edge. A slice without any edge is +-``cap_mm`` throughout."""
+    releases the GIL). Its zero lies on the boundary pixels of the region transformed, so the
+    transforms of the mask and of its complement are averaged: the zero then lies midway between inside
+    and outside pixels, for any in-plane direction of the edge. A slice without any edge is
+    +-``cap_mm`` throughout."""
     from concurrent.futures import ThreadPoolExecutor
 
     import SimpleITK as sitk
@@ -374,10 +377,13 @@ def available_threads() -> int:
     try:
         return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
     except ValueError:
-        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+        if hasattr(os, "sched_getaffinity"):
+            return max(1, len(os.sched_getaffinity(0)))
+        return os.cpu_count() or 1
 
 
-def _distance_to(points: np.ndarray, query: np.ndarray, target: np.ndarray, upper: float = np.inf) -> np.ndarray:
+def _distance_to(points: np.ndarray, query: np.ndarray, target: np.ndarray,
+                 upper: float = np.inf) -> np.ndarray:
     """Distance (mm) from each ``points[query]`` to the nearest ``points[target]``; inf elsewhere and
     where it exceeds ``upper`` (a bound makes the search much cheaper)."""
     from scipy.spatial import cKDTree
