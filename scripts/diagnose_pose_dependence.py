@@ -36,10 +36,6 @@ SCHEMA = load_schema("oai_zib")
 PLATE = "femoral_cartilage"
 
 
-def weighted(values: np.ndarray, weights: np.ndarray) -> float:
-    return float(np.sum(values * weights) / np.sum(weights))
-
-
 def knee_pair(seed: int, pair: int) -> None:
     rng = np.random.default_rng(seed)
     for _ in range(pair + 1):
@@ -61,7 +57,7 @@ def knee_pair(seed: int, pair: int) -> None:
     for lo, hi in ((0, 2), (2, 4), (4, 7), (7, 40)):
         m = paired & (edge >= lo) & (edge < hi)
         if m.any():
-            print(f"     {lo:2d}-{hi:2d} mm: {weighted(diff[m], rb.areas_mm2[m]):+.4f}  ({m.sum()} rays)")
+            print(f"     {lo:2d}-{hi:2d} mm: {np.average(diff[m], weights=rb.areas_mm2[m]):+.4f}  ({m.sum()} rays)")
 
     print("\n2. Same interior: change carried by the labels (volume per area) and read by the rays")
     cid = SCHEMA.by_name(PLATE).id
@@ -74,8 +70,8 @@ def knee_pair(seed: int, pair: int) -> None:
         sel = np.flatnonzero(paired & (edge >= lo))
         labels_b = vox_b * np.isin(owner_b, sel).sum()
         labels_f = vox_f * np.isin(owner_f, sel).sum()
-        rays_b = weighted(rb.thickness_mm[sel], rb.areas_mm2[sel])
-        rays_f = weighted(rf.thickness_mm[idx][sel], rb.areas_mm2[sel])
+        rays_b = np.average(rb.thickness_mm[sel], weights=rb.areas_mm2[sel])
+        rays_f = np.average(rf.thickness_mm[idx][sel], weights=rb.areas_mm2[sel])  # paired, baseline areas
         print(f"   >= {lo:.0f} mm inside: labels {100 * (labels_f / labels_b - 1):+.3f} %   "
               f"rays {100 * (rays_f / rays_b - 1):+.3f} %")
 
@@ -93,7 +89,7 @@ def cylinder_profile() -> None:
         cells = []
         for lo in range(-40, 40, 10):
             m = (arc >= lo) & (arc < lo + 10) & (np.abs(local[:, 0]) < 8)
-            cells.append(f"{weighted(result.thickness_mm[m], result.areas_mm2[m]):.3f}")
+            cells.append(f"{result.mean_in(m):.3f}")
         print(f"   pixel {pixel:.4f} mm, arc -40..40 deg in 10 deg bins: {' '.join(cells)}")
 
 
