@@ -8,15 +8,18 @@ Prints tables of errors:
 3. a +2.4 % thickening, measured as the relative change of the mean (3b: at small tilts to 1.5 mm
    slices, over plate sizes and rasterizations, with and without shape-based interpolation);
 4. BML volume, centroid and diameter of ellipsoidal lesions;
-5. the synthetic knee phantom (bml_pipeline.synth.phantom): BML volumes, subregions, side, thickness.
+5. the synthetic knee phantom (bml_pipeline.synth.phantom): BML volumes, subregions, side, thickness;
+6. real OAI label maps from ``../shared`` (no truth): our mean thickness next to the smoothed labels alone.
 
-Usage: ``python scripts/validate_volumetry.py [--quick] [--no-knee]``. Several minutes on 2 cores.
+Usage: ``python scripts/validate_volumetry.py [--quick] [--no-knee] [--real N]``. Several minutes on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +35,7 @@ from bml_pipeline.synth.plates import (
     sphere_plate,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 SCHEMA = load_schema("oai_zib")
 SPACINGS = {"0.365x0.365x0.7": (0.365, 0.365, 0.7), "0.3125x0.3125x1.5": (0.3125, 0.3125, 1.5)}
 ANGLES = [(10, 20, 5), (35, -15, 25), (60, 30, -40)]
@@ -68,28 +72,28 @@ def flat_plates(quick: bool) -> None:
     print(f"worst |error|: ours {worst['ours']:.4f} mm, 2 x EDT on skeleton {worst['edt']:.3f} mm")
 
 
+def plate_cases(spacing: tuple[float, float, float], quick: bool) -> list[tuple[str, object]]:
+    """(label, phantom) of table 2 at ``spacing``; at 3 mm slices plates and sheets thinner than a slice."""
+    if spacing[2] >= 3.0:
+        if quick:
+            return []
+        return [("plate 2.0", flat_plate(2.0, spacing, angles_deg=(25, 40, 15), offset_mm=OFFSET)),
+                ("thin sheet 1.0", flat_plate(1.0, spacing, angles_deg=(50, 20, -10), offset_mm=OFFSET)),
+                ("thin sheet 0.8", flat_plate(0.8, spacing, angles_deg=(35, -15, 25), offset_mm=OFFSET))]
+    cases = [
+        ("cylinder R=20", cylinder_plate(2.0, 20.0, spacing, angles_deg=(20, 40, 10), offset_mm=OFFSET)),
+        ("sphere R=25", sphere_plate(2.0, 25.0, spacing, angles_deg=(30, -20, 15), offset_mm=OFFSET)),
+        ("variable 2+-0.8", flat_plate(2.0, spacing, amplitude_mm=0.8, angles_deg=(25, 15, -30), offset_mm=OFFSET)),
+        ("thin sheet 1.0", flat_plate(1.0, spacing, angles_deg=(35, -15, 25), offset_mm=OFFSET)),
+        ("thin sheet 0.8", flat_plate(0.8, spacing, angles_deg=(10, 20, 5), offset_mm=OFFSET)),
+    ]
+    return cases[:1] + cases[3:4] if quick else cases
+
+
 def other_plates(quick: bool) -> None:
     rows = []
     for name, spacing in {**SPACINGS, "0.3x0.3x3.0": (0.3, 0.3, 3.0)}.items():
-        if spacing[2] == 3.0:  # thick slices: plates and sheets thinner than a slice
-            if quick:
-                continue
-            for label, t, angles in (("plate 2.0", 2.0, (25, 40, 15)), ("thin sheet 1.0", 1.0, (50, 20, -10)),
-                                     ("thin sheet 0.8", 0.8, (35, -15, 25))):
-                ph = flat_plate(t, spacing, angles_deg=angles, offset_mm=OFFSET)
-                ours, ref = ours_and_reference(ph)
-                rows.append([name, label, f"{t:.2f}", f"{ours:.4f}", f"{ours - t:+.4f}", f"{ref:.3f}", f"{ref - t:+.3f}"])
-            continue
-        cases = [
-            ("cylinder R=20", cylinder_plate(2.0, 20.0, spacing, angles_deg=(20, 40, 10), offset_mm=OFFSET)),
-            ("sphere R=25", sphere_plate(2.0, 25.0, spacing, angles_deg=(30, -20, 15), offset_mm=OFFSET)),
-            ("variable 2+-0.8", flat_plate(2.0, spacing, amplitude_mm=0.8, angles_deg=(25, 15, -30), offset_mm=OFFSET)),
-            ("thin sheet 1.0", flat_plate(1.0, spacing, angles_deg=(35, -15, 25), offset_mm=OFFSET)),
-            ("thin sheet 0.8", flat_plate(0.8, spacing, angles_deg=(10, 20, 5), offset_mm=OFFSET)),
-        ]
-        if quick:
-            cases = cases[:1] + cases[3:4]
-        for label, ph in cases:
+        for label, ph in plate_cases(spacing, quick):
             ours, ref = ours_and_reference(ph)
             t = ph.mean_thickness_mm
             rows.append([name, label, f"{t:.2f}", f"{ours:.4f}", f"{ours - t:+.4f}", f"{ref:.3f}", f"{ref - t:+.3f}"])
@@ -134,8 +138,8 @@ def small_tilt_spread(quick: bool) -> None:
                 base, grown = flat_plate(2.0, spacing, **kw), flat_plate(2.048, spacing, **kw)
                 out = [f"{tilt:.0f}", str(angles), str(supersample), f"{size:g}"]
                 for key, config in (("ours", None), ("smoothed", smoothed_only)):
-                    m0, m1 = (cartilage_thickness(p.labels, SCHEMA, "femoral_cartilage", config=config).stats.mean
-                              for p in (base, grown))
+                    m0, m1 = (cartilage_thickness(ph.labels, SCHEMA, "femoral_cartilage", config=config)
+                              .stats.mean for ph in (base, grown))
                     errors[key].append(100 * (m1 / m0 - 1) - 2.4)
                     out += [f"{m0:.3f}", f"{100 * (m1 / m0 - 1):+.2f}"]
                 rows.append(out)
@@ -144,8 +148,10 @@ def small_tilt_spread(quick: bool) -> None:
         rows.append(["", f"{key}: RMS error {np.sqrt(np.mean(e ** 2)):.2f} pp", "", "", "", "",
                      f"{int(np.sum(e > 0.3))}/{e.size} > 0.3 pp", ""])
     table("3b. Thickening 2.000 -> 2.048 mm at small tilts to 1.5 mm slices, by plate size (mm) and\n"
-          "    supersampling of the rasterizer; 'smoothed' = smoothed labels only (shape-based interpolation off)",
-          ["tilt", "angles (deg)", "ss", "size", "ours mean", "ours (%)", "smoothed mean", "smoothed (%)"], rows)
+          "    supersampling of the rasterizer; 'smoothed' = smoothed labels only (shape-based\n"
+          "    interpolation off)",
+          ["tilt", "angles (deg)", "ss", "size", "ours mean", "ours (%)", "smoothed mean", "smoothed (%)"],
+          rows)
 
 
 def lesions(quick: bool) -> None:
@@ -199,10 +205,37 @@ def knee(quick: bool) -> None:
           ["knee", "spacing (mm)", "plate", "truth mm", "ours mm", "error", "area ratio"], thick_rows)
 
 
+def real_maps(count: int) -> None:
+    """Real OAI label maps (no truth): mean thickness per plate, ours next to the smoothed labels alone,
+    to show what the shape-based interpolation changes on sagittal knees."""
+    from bml_pipeline.io import read_labels
+
+    folder = Path(os.environ.get("BML_SHARED_DATA", REPO.parent / "shared" / "data")) / "oai_labels"
+    paths = sorted(folder.glob("*_labels.nii.gz"))[1::9][:count]
+    if not paths:
+        print(f"\n6. Real label maps: none in {folder}, skipped")
+        return
+    smoothed_only = MeasureConfig(shape_interp_full_step_mm=0, shape_interp_cutoff_step_mm=0)
+    rows = []
+    for path in paths:
+        labels = read_labels(path, SCHEMA)
+        for plate in ("femoral_cartilage", "tibial_cartilage", "patellar_cartilage"):
+            ours, smoothed = (cartilage_thickness(labels, SCHEMA, plate, config=config).stats
+                              for config in (None, smoothed_only))
+            if ours is None or smoothed is None:
+                continue
+            rows.append([path.name.split("_labels")[0], plate, f"{ours.mean:.3f}", f"{smoothed.mean:.3f}",
+                         f"{ours.mean - smoothed.mean:+.3f}"])
+    table("6. Real OAI label maps (no truth): mean thickness, ours and the smoothed labels alone (mm)",
+          ["map", "plate", "ours", "smoothed", "difference"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer cases")
     parser.add_argument("--no-knee", action="store_true", help="skip the knee phantom")
+    parser.add_argument("--real", type=int, default=4, metavar="N",
+                        help="real OAI maps to compare with the smoothed labels alone (0: none)")
     args = parser.parse_args()
     start = time.perf_counter()
     flat_plates(args.quick)
@@ -212,6 +245,8 @@ def main() -> None:
     lesions(args.quick)
     if not args.no_knee:
         knee(args.quick)
+    if args.real > 0:
+        real_maps(args.real)
     print(f"\n({time.perf_counter() - start:.0f} s)")
 
 
