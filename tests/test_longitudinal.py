@@ -17,7 +17,14 @@ from scipy.spatial.transform import Rotation
 from bml_pipeline.cli import main
 from bml_pipeline.io import write_nifti
 from bml_pipeline.labels import load_schema
-from bml_pipeline.longitudinal.change import Change, KneeMismatchError, change_row, compare_visits
+from bml_pipeline.longitudinal.change import (
+    Change,
+    ChangeConfig,
+    KneeMismatchError,
+    change_row,
+    compare_visits,
+    grid_step_weight,
+)
 from bml_pipeline.longitudinal.transform import RigidTransform, pull_to_grid, rotation_difference_deg
 from bml_pipeline.volume import Volume
 
@@ -187,6 +194,40 @@ def test_thickness_change_over_the_common_region(change, pair):
     assert plate.area_followup_mm2 == pytest.approx(plate.area_baseline_mm2, rel=0.015)
     full_area = cartilage_thickness(pair[0], SCHEMA, "femoral_cartilage").areas_mm2.sum()
     assert plate.area_baseline_mm2 < 0.9 * full_area
+
+
+def _tilted(axis: np.ndarray, degrees: float, towards: np.ndarray) -> np.ndarray:
+    """Unit vector ``degrees`` away from unit ``axis`` towards the unit ``towards`` (orthogonal to it)."""
+    t = np.radians(degrees)
+    return np.cos(t) * axis + np.sin(t) * towards
+
+
+def test_grid_step_weight_by_staircase_step_length():
+    """Steps are spacing / tan(tilt) mm long: full weight below 4 mm, none above 8 mm, linear between.
+    At 0.365 mm pixels a step of 6 mm (weight 0.5) is a tilt of atan(0.365 / 6) = 3.48 deg."""
+    volume = Volume(np.zeros((4, 4, 4), np.uint8), np.diag([0.7, 0.365, 0.365, 1.0]))
+    x, y, z = np.eye(3)
+    half = np.degrees(np.arctan(0.365 / 6.0))
+    normals = np.array([y, _tilted(y, half, z), _tilted(y, 30.0, z), _tilted(x, np.degrees(np.arctan(0.7 / 6.0)), y),
+                        _tilted(x, 45.0, z), _tilted(z, 1.0, x)])
+    np.testing.assert_allclose(grid_step_weight(volume, normals, 4.0, 8.0), [0.0, 0.5, 1.0, 0.5, 1.0, 0.0], atol=1e-9)
+    assert np.all(grid_step_weight(volume, normals, 4.0, 0.0) == 1.0)  # a cutoff of 0: no weighting
+    with pytest.raises(ValueError, match="step_weight"):
+        ChangeConfig(step_weight_full_mm=8.0, step_weight_cutoff_mm=4.0)
+
+
+def test_grid_step_weight_follows_an_oblique_grid():
+    """The weight depends on the normal relative to the grid's own axes, whatever their world directions."""
+    turn = Rotation.from_rotvec(np.radians(35.0) * np.array([0.36, 0.48, 0.8])).as_matrix()
+    affine = np.eye(4)
+    affine[:3, :3] = turn @ np.diag([0.5, 0.4, 1.5])
+    oblique = Volume(np.zeros((4, 4, 4), np.uint8), affine)
+    straight = Volume(np.zeros((4, 4, 4), np.uint8), np.diag([0.5, 0.4, 1.5, 1.0]))
+    normals = Rotation.random(50, random_state=3).apply(np.array([0.0, 0.0, 1.0]))
+    normals[:3] = np.eye(3)  # grid-aligned surfaces: weight 0 in the straight grid
+    expected = grid_step_weight(straight, normals, 4.0, 8.0)
+    assert np.all(expected[:3] == 0.0) and 0.0 < expected.mean() < 1.0
+    np.testing.assert_allclose(grid_step_weight(oblique, normals @ turn.T, 4.0, 8.0), expected, atol=1e-12)
 
 
 def test_lesion_matching_persisting_new_resolved(change, pair):

@@ -15,9 +15,15 @@
    different field of view, pose or partly segmented plate does not bias the change. Subregions are
    assigned with the baseline's subregion model at both visits.
 
-   What remains is the pose dependence of the thickness itself (voxel staircases that run parallel to
-   a grid axis over a long stretch of surface): on the analytic phantom, whose condyles are cylinders
-   along the slice axis, the same knee at two poses reads -0.44 % to +0.2 % over the common region.
+   Each point is weighted by its area and by how well *both* visits' voxel grids localize the surface
+   there (:func:`grid_step_weight`): where a surface lies within a few degrees of a grid plane, a binary
+   label map is a staircase with steps several mm long, and where the surface sits inside a voxel
+   (hence its local thickness) depends on the knee's pose on the grid. The weight is a function of the
+   anatomical point and of the two grids, the same at both visits, so the region means stay means of
+   the same anatomy; it only lowers the influence of surface the labels cannot place. On the analytic
+   phantom (condyles are cylinders along the slice axis) the worst thickness-change error fell from
+   0.41 to 0.17 pp with about 90 % of the region's area at full weight
+   (``scripts/validate_longitudinal.py``).
 
 All deltas are follow-up minus baseline; ``delta_percent`` is ``100 * delta / baseline`` and null (None)
 when the baseline is 0 or missing.
@@ -68,6 +74,11 @@ class ChangeConfig:
             mean (several percent on tapered phantom plates); the core's change is not biased by it.
             5 mm: a little more than the taper of real plates and of the phantom (4 mm); on the phantom
             pairs the thickness-change error falls from up to 0.83 pp (3 mm) to 0.40 pp.
+        step_weight_full_mm, step_weight_cutoff_mm: the staircase step length (mm) of the surface in a
+            voxel grid below which a point has full weight in the thickness means, and above which none
+            (linear in between); see :func:`grid_step_weight`. 4 / 8 mm: with 0.365 mm pixels the
+            weight falls where the surface is within 5 deg of a grid plane, with 0.7 mm slices within
+            10 deg of the slice plane. A cutoff of 0 switches the weighting off.
         decimals: rounding of every reported number (byte-identical reruns).
     """
 
@@ -77,15 +88,23 @@ class ChangeConfig:
     view_margin_mm: float = 6.0
     max_centroid_mm: float = 5.0
     rim_exclusion_mm: float = 5.0
+    step_weight_full_mm: float = 4.0
+    step_weight_cutoff_mm: float = 8.0
     decimals: int = 6
+
+    def __post_init__(self) -> None:
+        if self.step_weight_cutoff_mm > 0 and not 0 <= self.step_weight_full_mm < self.step_weight_cutoff_mm:
+            raise ValueError("need 0 <= step_weight_full_mm < step_weight_cutoff_mm (or a cutoff of 0)")
 
 
 @dataclass(frozen=True)
 class PlateChange:
     """Cartilage of one plate at both visits, over the common interface region.
 
-    Thickness in mm (area-weighted mean over the common region), areas in mm2, volumes in cm3;
-    ``subregions`` maps a cartilage subregion to its (baseline, follow-up) mean thickness.
+    Thickness in mm (mean over the common region, weighted by area and :func:`grid_step_weight`), areas in
+    mm2 (the common region's, unweighted), ``weight_fraction`` the share of the baseline region's area that
+    the grid weights keep, volumes in cm3; ``subregions`` maps a cartilage subregion to its (baseline,
+    follow-up) mean thickness.
     """
 
     plate: str
@@ -93,6 +112,7 @@ class PlateChange:
     thickness_followup_mm: float | None
     area_baseline_mm2: float
     area_followup_mm2: float
+    weight_fraction: float
     volume_baseline_cm3: float | None
     volume_followup_cm3: float | None
     subregions: dict[str, tuple[float | None, float | None]]
@@ -134,6 +154,7 @@ class Change:
                           "volume_delta_cm3": vol["delta_cm3"], "volume_delta_percent": vol["delta_percent"],
                           "area_baseline_mm2": round(c.area_baseline_mm2, 3),
                           "area_followup_mm2": round(c.area_followup_mm2, 3),
+                          "thickness_weight_fraction": round(c.weight_fraction, d),
                           "subregions": {name: _delta(sb, sf, "_mm", d, prefix="thickness_mean_")
                                          for name, (sb, sf) in c.subregions.items()}})
             cartilage[plate] = entry
@@ -279,7 +300,15 @@ def _plate_change(baseline: Volume, followup: Volume, schema: LabelSchema, plate
     # region's edge sits at the same anatomical place at both visits (no voxel re-quantisation).
     points_f = transform.inverse().apply(res_f.points_mm)
     in_b, in_f = region.contains(res_b.points_mm), region.contains(points_f)
-    mean_b, mean_f = res_b.mean_in(in_b), res_f.mean_in(in_f)
+    # The same weight of an anatomical point at both visits: each visit's normals in both grids.
+    rotation = transform.rotation
+    full, cutoff = config.step_weight_full_mm, config.step_weight_cutoff_mm
+    w_b = in_b * grid_step_weight(baseline, res_b.normals, full, cutoff) \
+        * grid_step_weight(followup, res_b.normals @ rotation.T, full, cutoff)
+    w_f = in_f * grid_step_weight(followup, res_f.normals, full, cutoff) \
+        * grid_step_weight(baseline, res_f.normals @ rotation, full, cutoff)
+    area_b = float(res_b.areas_mm2[in_b].sum())
+    fraction = float(np.sum(w_b * res_b.areas_mm2) / area_b) if area_b > 0 else 0.0
     subregions: dict[str, tuple[float | None, float | None]] = {}
     bone = schema.by_name(plate).bone
     if model is not None and bone is not None:
@@ -290,9 +319,29 @@ def _plate_change(baseline: Volume, followup: Volume, schema: LabelSchema, plate
         idx_f = model.classify(bone, points_f, clip_height=False)
         for name, parts in CARTILAGE_REGIONS[bone].items():
             ids = [names.index(p) for p in parts]
-            subregions[name] = (res_b.mean_in(in_b & np.isin(idx_b, ids)), res_f.mean_in(in_f & np.isin(idx_f, ids)))
-    return PlateChange(plate, mean_b, mean_f, float(res_b.areas_mm2[in_b].sum()), float(res_f.areas_mm2[in_f].sum()),
-                       volumes[0], volumes[1], subregions)
+            subregions[name] = (res_b.mean_weighted(w_b * np.isin(idx_b, ids)),
+                                res_f.mean_weighted(w_f * np.isin(idx_f, ids)))
+    return PlateChange(plate, res_b.mean_weighted(w_b), res_f.mean_weighted(w_f), area_b,
+                       float(res_f.areas_mm2[in_f].sum()), fraction, volumes[0], volumes[1], subregions)
+
+
+def grid_step_weight(volume: Volume, normals: np.ndarray, full_mm: float, cutoff_mm: float) -> np.ndarray:
+    """Weight (0..1) of surface points with unit world ``normals`` (N, 3) by how well ``volume``'s voxel
+    grid localizes the surface there.
+
+    A surface tilted by ``theta`` from the grid plane across array axis ``a`` is, in a binary label map,
+    a staircase with steps ``spacing[a] / tan(theta)`` mm long. Within a step the label map cannot tell
+    where the surface lies inside the voxel, and along a long step that error does not average out (a
+    plane exactly parallel to a grid plane is off by up to half a voxel everywhere). The weight is 1
+    while the longest step (over the three axes) is below ``full_mm``, 0 above ``cutoff_mm``, linear in
+    between; all ones when ``cutoff_mm`` is 0.
+    """
+    normals = np.asarray(normals, dtype=np.float64).reshape(-1, 3)
+    if cutoff_mm <= 0:
+        return np.ones(len(normals))
+    cos = np.clip(np.abs(normals @ volume.direction), 0.0, 1.0)  # |cos| of the normal to each array axis
+    step = np.asarray(volume.spacing) * cos / np.sqrt(np.maximum(1.0 - cos * cos, 1e-12))
+    return np.clip((cutoff_mm - step.max(axis=1)) / max(cutoff_mm - full_mm, 1e-9), 0.0, 1.0)
 
 
 @dataclass(frozen=True, eq=False)
