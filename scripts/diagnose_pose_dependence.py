@@ -1,11 +1,14 @@
-"""Where the pose dependence of femoral thickness comes from (the open part of the longitudinal stage).
+"""Where the pose dependence of femoral thickness comes from, and what the change stage's weights do to it.
 
 The same analytic knee phantom (:func:`validate_longitudinal.make_pair` with gain 1.0: no change) is
 rasterized at two random poses; the two visits are compared through the *exact* rigid transform, so
 alignment plays no part. Printed:
 
-1. the femoral thickness change over the common region (:class:`CommonInterface`) and over the whole
-   plate, and the nearest-point paired difference of the two visits' rays, by distance to the region's edge;
+1. the femoral thickness change over the common region (:class:`CommonInterface`), the same with the
+   change stage's grid-step weights (:func:`grid_step_weight`), and over the whole plate; the
+   nearest-point paired difference of the two visits' rays by distance to the region's edge, and by the
+   staircase step length of the surface in the baseline's and in the follow-up's grid (where a surface
+   lies within a few degrees of a grid plane, its steps are several mm long);
 2. over the same interior, the change of the cartilage volume per bone area that the *label maps* carry
    (each cartilage voxel assigned to its nearest baseline interface point) next to the rays' change;
 3. a cylinder plate (R 20 mm, 2 mm) with its axis along the slice axis at two in-plane pixel sizes:
@@ -28,7 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import validate_longitudinal as V
 
 from bml_pipeline.labels import load_schema
-from bml_pipeline.longitudinal.change import ChangeConfig, CommonInterface
+from bml_pipeline.longitudinal.change import (
+    ChangeConfig,
+    CommonInterface,
+    grid_step_weights,
+    staircase_step_mm,
+)
 from bml_pipeline.measure import cartilage_thickness
 from bml_pipeline.synth.plates import cylinder_plate, rotation_matrix
 
@@ -46,8 +54,11 @@ def knee_pair(seed: int, pair: int) -> None:
     pf = rf.points_mm @ to_base[:3, :3].T + to_base[:3, 3]
     region = CommonInterface.build(b_lab, f_lab, SCHEMA, PLATE, truth, ChangeConfig())
     ib, jf = region.contains(rb.points_mm), region.contains(pf)
+    weight_b, weight_f = grid_step_weights(b_lab, f_lab, truth, rb, pf, ChangeConfig())
+    wb, wf = ib * weight_b, jf * weight_f
     print(f"\n1. Seed {seed}, pair {pair}, unchanged knee at two poses (exact transform)")
     print(f"   common region: {100 * (rf.mean_in(jf) / rb.mean_in(ib) - 1):+.3f} %   "
+          f"with the grid-step weights (as the change stage): {100 * (rf.mean_weighted(wf) / rb.mean_weighted(wb) - 1):+.3f} %   "
           f"whole plate: {100 * (rf.stats.mean / rb.stats.mean - 1):+.3f} %")
     dist, idx = cKDTree(pf).query(rb.points_mm)
     diff = rf.thickness_mm[idx] - rb.thickness_mm
@@ -58,6 +69,17 @@ def knee_pair(seed: int, pair: int) -> None:
         m = paired & (edge >= lo) & (edge < hi)
         if m.any():
             print(f"     {lo:2d}-{hi:2d} mm: {np.average(diff[m], weights=rb.areas_mm2[m]):+.4f}  ({m.sum()} rays)")
+
+    print("   paired ray difference (mm) by the surface's staircase step length in each visit's grid:")
+    step_b = staircase_step_mm(b_lab, rb.normals)
+    step_f = staircase_step_mm(f_lab, rf.normals[idx])
+    for lo, hi in ((0, 2), (2, 4), (4, 8), (8, np.inf)):
+        cells = []
+        for step in (step_b, step_f):
+            m = paired & (step >= lo) & (step < hi)
+            cells.append(f"{np.average(diff[m], weights=rb.areas_mm2[m]):+.4f} ({rb.areas_mm2[m].sum():5.0f} mm2)"
+                         if m.any() else "n/a".rjust(20))
+        print(f"     {lo:g}-{hi:g} mm: baseline grid {cells[0]}   follow-up grid {cells[1]}")
 
     print("\n2. Same interior: change carried by the labels (volume per area) and read by the rays")
     cid = SCHEMA.by_name(PLATE).id

@@ -21,9 +21,11 @@ from bml_pipeline.longitudinal.change import (
     Change,
     ChangeConfig,
     KneeMismatchError,
+    SmoothNormals,
     change_row,
     compare_visits,
     grid_step_weight,
+    grid_step_weights,
 )
 from bml_pipeline.longitudinal.transform import RigidTransform, pull_to_grid, rotation_difference_deg
 from bml_pipeline.volume import Volume
@@ -228,6 +230,42 @@ def test_grid_step_weight_follows_an_oblique_grid():
     expected = grid_step_weight(straight, normals, 4.0, 8.0)
     assert np.all(expected[:3] == 0.0) and 0.0 < expected.mean() < 1.0
     np.testing.assert_allclose(grid_step_weight(oblique, normals @ turn.T, 4.0, 8.0), expected, atol=1e-12)
+
+
+def _sphere_surface(n: int, radius: float, rng: np.random.Generator):
+    """Points (mm), unit outward normals and equal areas (mm2) of a sphere at the origin."""
+    normals = rng.normal(size=(n, 3))
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    return radius * normals, normals, np.full(n, 4 * np.pi * radius**2 / n)
+
+
+def test_smooth_normals_recover_a_sphere_from_jittered_normals():
+    """Normals jittered by about 15 deg (more than a staircase's wobble) come back radial within 2 deg."""
+    rng = np.random.default_rng(0)
+    points, normals, areas = _sphere_surface(40000, 20.0, rng)
+    jittered = normals + 0.18 * rng.normal(size=normals.shape)
+    jittered /= np.linalg.norm(jittered, axis=1, keepdims=True)
+    smooth = SmoothNormals(points, jittered, areas, 1.5)(points)
+    angle = np.degrees(np.arccos(np.clip(np.einsum("ij,ij->i", smooth, normals), -1, 1)))
+    assert np.percentile(angle, 95) < 2.0
+    assert np.degrees(np.arccos(np.clip(np.einsum("ij,ij->i", jittered, normals), -1, 1))).mean() > 10.0
+
+
+def test_grid_step_weights_are_the_same_at_both_visits_for_the_same_anatomy():
+    """The follow-up's points mapped into the baseline's world get exactly the baseline's weights, although
+    the follow-up's grid is another one; surfaces near the grids' planes get less than full weight."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(1)
+    points, normals, areas = _sphere_surface(20000, 20.0, rng)
+    result_b = SimpleNamespace(points_mm=points, normals=normals, areas_mm2=areas)
+    baseline = Volume(np.zeros((4, 4, 4), np.uint8), np.diag([0.7, 0.365, 0.365, 1.0]))
+    followup = Volume(np.zeros((4, 4, 4), np.uint8), FOLLOW_AFFINE)
+    w_b, w_f = grid_step_weights(baseline, followup, POSE, result_b, points[::-1], ChangeConfig())
+    np.testing.assert_array_equal(w_f, w_b[::-1])
+    assert 0.5 < w_b.mean() < 1.0 and w_b.min() == 0.0
+    off = grid_step_weights(baseline, followup, POSE, result_b, points, ChangeConfig(step_weight_cutoff_mm=0.0))
+    assert all(np.all(w == 1.0) for w in off)
 
 
 def test_lesion_matching_persisting_new_resolved(change, pair):

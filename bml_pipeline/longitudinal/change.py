@@ -79,6 +79,8 @@ class ChangeConfig:
             (linear in between); see :func:`grid_step_weight`. 4 / 8 mm: with 0.365 mm pixels the
             weight falls where the surface is within 5 deg of a grid plane, with 0.7 mm slices within
             10 deg of the slice plane. A cutoff of 0 switches the weighting off.
+        step_weight_normal_sigma_mm: the weights are judged on the baseline's bone normals smoothed over the
+            surface with this Gaussian (:class:`SmoothNormals`), the same field for both visits' points.
         decimals: rounding of every reported number (byte-identical reruns).
     """
 
@@ -90,11 +92,14 @@ class ChangeConfig:
     rim_exclusion_mm: float = 5.0
     step_weight_full_mm: float = 4.0
     step_weight_cutoff_mm: float = 8.0
+    step_weight_normal_sigma_mm: float = 1.5
     decimals: int = 6
 
     def __post_init__(self) -> None:
         if self.step_weight_cutoff_mm > 0 and not 0 <= self.step_weight_full_mm < self.step_weight_cutoff_mm:
             raise ValueError("need 0 <= step_weight_full_mm < step_weight_cutoff_mm (or a cutoff of 0)")
+        if self.step_weight_normal_sigma_mm <= 0:
+            raise ValueError("step_weight_normal_sigma_mm must be > 0")
 
 
 @dataclass(frozen=True)
@@ -300,13 +305,8 @@ def _plate_change(baseline: Volume, followup: Volume, schema: LabelSchema, plate
     # region's edge sits at the same anatomical place at both visits (no voxel re-quantisation).
     points_f = transform.inverse().apply(res_f.points_mm)
     in_b, in_f = region.contains(res_b.points_mm), region.contains(points_f)
-    # The same weight of an anatomical point at both visits: each visit's normals in both grids.
-    rotation = transform.rotation
-    full, cutoff = config.step_weight_full_mm, config.step_weight_cutoff_mm
-    w_b = in_b * grid_step_weight(baseline, res_b.normals, full, cutoff) \
-        * grid_step_weight(followup, res_b.normals @ rotation.T, full, cutoff)
-    w_f = in_f * grid_step_weight(followup, res_f.normals, full, cutoff) \
-        * grid_step_weight(baseline, res_f.normals @ rotation, full, cutoff)
+    weight_b, weight_f = grid_step_weights(baseline, followup, transform, res_b, points_f, config)
+    w_b, w_f = in_b * weight_b, in_f * weight_f
     area_b = float(res_b.areas_mm2[in_b].sum())
     fraction = float(np.sum(w_b * res_b.areas_mm2) / area_b) if area_b > 0 else 0.0
     subregions: dict[str, tuple[float | None, float | None]] = {}
@@ -325,6 +325,65 @@ def _plate_change(baseline: Volume, followup: Volume, schema: LabelSchema, plate
                        float(res_f.areas_mm2[in_f].sum()), fraction, volumes[0], volumes[1], subregions)
 
 
+def grid_step_weights(baseline: Volume, followup: Volume, transform: RigidTransform, result_b,
+                      points_f: np.ndarray, config: ChangeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Weights (0..1) of the baseline's interface points (``result_b``, a ThicknessResult) and of the
+    follow-up's, given in the baseline's world (``points_f``): one weight per anatomical point, the same
+    at both visits, the product of :func:`grid_step_weight` in both visits' grids.
+
+    The surface direction is the baseline's bone normals smoothed over the surface
+    (:class:`SmoothNormals`), one field for both visits' points. Each visit's own normals would not do:
+    they wobble with that visit's staircase, so the weight would select by the staircase and bias the mean.
+    """
+    full, cutoff = config.step_weight_full_mm, config.step_weight_cutoff_mm
+    if cutoff <= 0:
+        return np.ones(len(result_b.points_mm)), np.ones(len(points_f))
+    normal_at = SmoothNormals(result_b.points_mm, result_b.normals, result_b.areas_mm2,
+                              config.step_weight_normal_sigma_mm)
+
+    def weight(points: np.ndarray) -> np.ndarray:
+        normals = normal_at(points)
+        return (grid_step_weight(baseline, normals, full, cutoff)
+                * grid_step_weight(followup, normals @ transform.rotation.T, full, cutoff))
+
+    return weight(result_b.points_mm), weight(points_f)
+
+
+class SmoothNormals:
+    """Unit normal field of a surface given as points with normals and areas, smoothed over the surface:
+    the area-weighted normals are spread (trilinearly) onto a grid of ``sigma_mm / 2`` cells, smoothed
+    with a Gaussian of ``sigma_mm``, and read back by trilinear interpolation at any point (mm)."""
+
+    def __init__(self, points: np.ndarray, normals: np.ndarray, areas: np.ndarray, sigma_mm: float) -> None:
+        from scipy import ndimage
+
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        self.cell = sigma_mm / 2.0
+        self.origin = (points.min(axis=0) if len(points) else np.zeros(3)) - 4.0 * sigma_mm
+        upper = (points.max(axis=0) if len(points) else np.zeros(3)) + 4.0 * sigma_mm
+        shape = tuple(np.ceil((upper - self.origin) / self.cell).astype(int) + 2)
+        idx = (points - self.origin) / self.cell
+        low = np.floor(idx).astype(np.intp)
+        frac = idx - low
+        weighted = np.asarray(normals, dtype=np.float64).reshape(-1, 3) * np.asarray(areas, dtype=np.float64)[:, None]
+        size = int(np.prod(shape))
+        self.fields = [np.zeros(size) for _ in range(3)]
+        for corner in np.ndindex(2, 2, 2):
+            share = np.prod(np.where(corner, frac, 1.0 - frac), axis=1)
+            flat = np.ravel_multi_index((low + corner).T, shape)
+            for k in range(3):
+                self.fields[k] += np.bincount(flat, weights=share * weighted[:, k], minlength=size)
+        self.fields = [ndimage.gaussian_filter(f.reshape(shape), 2.0) for f in self.fields]  # sigma: 2 cells
+
+    def __call__(self, points: np.ndarray) -> np.ndarray:
+        """Smoothed unit normals (N, 3) at world points (N, 3)."""
+        from scipy import ndimage
+
+        idx = ((np.asarray(points, dtype=np.float64).reshape(-1, 3) - self.origin) / self.cell).T
+        field = np.stack([ndimage.map_coordinates(f, idx, order=1, mode="nearest") for f in self.fields], axis=1)
+        return field / np.maximum(np.linalg.norm(field, axis=1, keepdims=True), 1e-12)
+
+
 def grid_step_weight(volume: Volume, normals: np.ndarray, full_mm: float, cutoff_mm: float) -> np.ndarray:
     """Weight (0..1) of surface points with unit world ``normals`` (N, 3) by how well ``volume``'s voxel
     grid localizes the surface there.
@@ -336,12 +395,17 @@ def grid_step_weight(volume: Volume, normals: np.ndarray, full_mm: float, cutoff
     while the longest step (over the three axes) is below ``full_mm``, 0 above ``cutoff_mm``, linear in
     between; all ones when ``cutoff_mm`` is 0.
     """
-    normals = np.asarray(normals, dtype=np.float64).reshape(-1, 3)
     if cutoff_mm <= 0:
-        return np.ones(len(normals))
+        return np.ones(len(np.reshape(normals, (-1, 3))))
+    return np.clip((cutoff_mm - staircase_step_mm(volume, normals)) / max(cutoff_mm - full_mm, 1e-9), 0.0, 1.0)
+
+
+def staircase_step_mm(volume: Volume, normals: np.ndarray) -> np.ndarray:
+    """Longest staircase step (mm), over the array axes, of surfaces with unit world ``normals`` (N, 3) in
+    ``volume``'s voxel grid: ``spacing[a] / tan(tilt)`` for the tilt from the grid plane across axis ``a``."""
+    normals = np.asarray(normals, dtype=np.float64).reshape(-1, 3)
     cos = np.clip(np.abs(normals @ volume.direction), 0.0, 1.0)  # |cos| of the normal to each array axis
-    step = np.asarray(volume.spacing) * cos / np.sqrt(np.maximum(1.0 - cos * cos, 1e-12))
-    return np.clip((cutoff_mm - step.max(axis=1)) / max(cutoff_mm - full_mm, 1e-9), 0.0, 1.0)
+    return (np.asarray(volume.spacing) * cos / np.sqrt(np.maximum(1.0 - cos * cos, 1e-12))).max(axis=1)
 
 
 @dataclass(frozen=True, eq=False)
