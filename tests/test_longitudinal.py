@@ -214,6 +214,9 @@ def test_grid_step_weight_by_staircase_step_length():
                         _tilted(x, 45.0, z), _tilted(z, 1.0, x)])
     np.testing.assert_allclose(grid_step_weight(volume, normals, 4.0, 8.0), [0.0, 0.5, 1.0, 0.5, 1.0, 0.0], atol=1e-9)
     assert np.all(grid_step_weight(volume, normals, 4.0, 0.0) == 1.0)  # a cutoff of 0: no weighting
+    # The slice axis (0) skipped, as for the axis the measure stage interpolates across.
+    np.testing.assert_allclose(grid_step_weight(volume, normals, 4.0, 8.0, skip_axis=0), [0.0, 0.5, 1.0, 1.0, 1.0, 0.0],
+                               atol=1e-9)
     with pytest.raises(ValueError, match="step_weight"):
         ChangeConfig(step_weight_full_mm=8.0, step_weight_cutoff_mm=4.0)
 

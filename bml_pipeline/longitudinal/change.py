@@ -77,8 +77,9 @@ class ChangeConfig:
         step_weight_full_mm, step_weight_cutoff_mm: the staircase step length (mm) of the surface in a
             voxel grid below which a point has full weight in the thickness means, and above which none
             (linear in between); see :func:`grid_step_weight`. 4 / 8 mm: with 0.365 mm pixels the
-            weight falls where the surface is within 5 deg of a grid plane, with 0.7 mm slices within
-            10 deg of the slice plane. A cutoff of 0 switches the weighting off.
+            weight falls where the surface is within 5 deg of the grid plane across an in-plane axis
+            (the slice axis is left to the measure stage's shape-based interpolation). A cutoff of 0
+            switches the weighting off.
         step_weight_normal_sigma_mm: the weights are judged on the baseline's bone normals smoothed over the
             surface with this Gaussian (:class:`SmoothNormals`), the same field for both visits' points.
         decimals: rounding of every reported number (byte-identical reruns).
@@ -305,7 +306,7 @@ def _plate_change(baseline: Volume, followup: Volume, schema: LabelSchema, plate
     # region's edge sits at the same anatomical place at both visits (no voxel re-quantisation).
     points_f = transform.inverse().apply(res_f.points_mm)
     in_b, in_f = region.contains(res_b.points_mm), region.contains(points_f)
-    weight_b, weight_f = grid_step_weights(baseline, followup, transform, res_b, points_f, config)
+    weight_b, weight_f = grid_step_weights(baseline, followup, transform, res_b, points_f, config, measure_config)
     w_b, w_f = in_b * weight_b, in_f * weight_f
     area_b = float(res_b.areas_mm2[in_b].sum())
     fraction = float(np.sum(w_b * res_b.areas_mm2) / area_b) if area_b > 0 else 0.0
@@ -326,25 +327,31 @@ def _plate_change(baseline: Volume, followup: Volume, schema: LabelSchema, plate
 
 
 def grid_step_weights(baseline: Volume, followup: Volume, transform: RigidTransform, result_b,
-                      points_f: np.ndarray, config: ChangeConfig) -> tuple[np.ndarray, np.ndarray]:
+                      points_f: np.ndarray, config: ChangeConfig,
+                      measure_config=None) -> tuple[np.ndarray, np.ndarray]:
     """Weights (0..1) of the baseline's interface points (``result_b``, a ThicknessResult) and of the
     follow-up's, given in the baseline's world (``points_f``): one weight per anatomical point, the same
-    at both visits, the product of :func:`grid_step_weight` in both visits' grids.
+    at both visits, the product of :func:`grid_step_weight` in both visits' grids (each without the axis
+    that ``measure_config``'s thickness interpolates across; default: the default MeasureConfig).
 
     The surface direction is the baseline's bone normals smoothed over the surface
     (:class:`SmoothNormals`), one field for both visits' points. Each visit's own normals would not do:
     they wobble with that visit's staircase, so the weight would select by the staircase and bias the mean.
     """
+    from bml_pipeline.measure.config import MeasureConfig
+
     full, cutoff = config.step_weight_full_mm, config.step_weight_cutoff_mm
     if cutoff <= 0:
         return np.ones(len(result_b.points_mm)), np.ones(len(points_f))
+    measure_config = measure_config or MeasureConfig()
+    skip_b, skip_f = interpolated_axis(baseline, measure_config), interpolated_axis(followup, measure_config)
     normal_at = SmoothNormals(result_b.points_mm, result_b.normals, result_b.areas_mm2,
                               config.step_weight_normal_sigma_mm)
 
     def weight(points: np.ndarray) -> np.ndarray:
         normals = normal_at(points)
-        return (grid_step_weight(baseline, normals, full, cutoff)
-                * grid_step_weight(followup, normals @ transform.rotation.T, full, cutoff))
+        return (grid_step_weight(baseline, normals, full, cutoff, skip_b)
+                * grid_step_weight(followup, normals @ transform.rotation.T, full, cutoff, skip_f))
 
     return weight(result_b.points_mm), weight(points_f)
 
@@ -384,7 +391,8 @@ class SmoothNormals:
         return field / np.maximum(np.linalg.norm(field, axis=1, keepdims=True), 1e-12)
 
 
-def grid_step_weight(volume: Volume, normals: np.ndarray, full_mm: float, cutoff_mm: float) -> np.ndarray:
+def grid_step_weight(volume: Volume, normals: np.ndarray, full_mm: float, cutoff_mm: float,
+                     skip_axis: int | None = None) -> np.ndarray:
     """Weight (0..1) of surface points with unit world ``normals`` (N, 3) by how well ``volume``'s voxel
     grid localizes the surface there.
 
@@ -392,20 +400,36 @@ def grid_step_weight(volume: Volume, normals: np.ndarray, full_mm: float, cutoff
     a staircase with steps ``spacing[a] / tan(theta)`` mm long. Within a step the label map cannot tell
     where the surface lies inside the voxel, and along a long step that error does not average out (a
     plane exactly parallel to a grid plane is off by up to half a voxel everywhere). The weight is 1
-    while the longest step (over the three axes) is below ``full_mm``, 0 above ``cutoff_mm``, linear in
-    between; all ones when ``cutoff_mm`` is 0.
+    while the longest step (over the array axes but ``skip_axis``) is below ``full_mm``, 0 above
+    ``cutoff_mm``, linear in between; all ones when ``cutoff_mm`` is 0. The change stage skips the axis
+    the measure stage already interpolates across (:func:`interpolated_axis`): there the thickness is
+    measured on the shape-based interpolation of the slices, which places the surface between the steps.
     """
     if cutoff_mm <= 0:
         return np.ones(len(np.reshape(normals, (-1, 3))))
-    return np.clip((cutoff_mm - staircase_step_mm(volume, normals)) / max(cutoff_mm - full_mm, 1e-9), 0.0, 1.0)
+    step = staircase_step_mm(volume, normals, skip_axis)
+    return np.clip((cutoff_mm - step) / max(cutoff_mm - full_mm, 1e-9), 0.0, 1.0)
 
 
-def staircase_step_mm(volume: Volume, normals: np.ndarray) -> np.ndarray:
-    """Longest staircase step (mm), over the array axes, of surfaces with unit world ``normals`` (N, 3) in
-    ``volume``'s voxel grid: ``spacing[a] / tan(tilt)`` for the tilt from the grid plane across axis ``a``."""
+def staircase_step_mm(volume: Volume, normals: np.ndarray, skip_axis: int | None = None) -> np.ndarray:
+    """Longest staircase step (mm), over the array axes (but ``skip_axis``), of surfaces with unit world
+    ``normals`` (N, 3) in ``volume``'s voxel grid: ``spacing[a] / tan(tilt)`` for the tilt from the grid
+    plane across axis ``a``."""
     normals = np.asarray(normals, dtype=np.float64).reshape(-1, 3)
     cos = np.clip(np.abs(normals @ volume.direction), 0.0, 1.0)  # |cos| of the normal to each array axis
-    return (np.asarray(volume.spacing) * cos / np.sqrt(np.maximum(1.0 - cos * cos, 1e-12))).max(axis=1)
+    step = np.asarray(volume.spacing) * cos / np.sqrt(np.maximum(1.0 - cos * cos, 1e-12))
+    if skip_axis is not None:
+        step[:, skip_axis] = 0.0
+    return step.max(axis=1)
+
+
+def interpolated_axis(volume: Volume, measure_config) -> int | None:
+    """The array axis the measure stage interpolates across (shape-based, see
+    :mod:`bml_pipeline.measure.thickness` step 6): the one of the largest spacing; None when that
+    interpolation is off."""
+    if measure_config.shape_interp_cutoff_step_mm <= 0:
+        return None
+    return int(np.argmax(volume.spacing))
 
 
 @dataclass(frozen=True, eq=False)
