@@ -1,7 +1,8 @@
 """Accuracy of the longitudinal stage on synthetic visit pairs with known change.
 
 Each pair is the analytic knee phantom (:mod:`bml_pipeline.synth.phantom`) rasterized twice at OAI
-spacing (0.7 x 0.365 x 0.365 mm, or ``--spacing dess`` 0.3125 x 0.3125 x 1.5 mm):
+spacing (0.7 x 0.365 x 0.365 mm; ``--spacing dess``: 0.3125 x 0.3125 x 1.5 mm, axial thick slices;
+``--spacing sagittal_thick``: 1.5 x 0.3125 x 0.3125 mm):
 
 - baseline: random pose (rotations up to +-5 deg, translations up to +-3 mm), femoral BML 3.0 cm3;
 - follow-up: another random pose (up to +-10 deg, +-5 mm), femoral BML 0.9 cm3 (-2.1 cm3), femoral
@@ -30,7 +31,7 @@ each bone's epiphysis centroid) and the largest alignment residual. Targets: +-0
 
 Usage::
 
-    .venv/bin/python scripts/validate_longitudinal.py [--pairs 3] [--seed 7] [--spacing oai|dess] [--json OUT]
+    .venv/bin/python scripts/validate_longitudinal.py [--pairs 3] [--seed 7] [--spacing oai|dess|sagittal_thick] [--json OUT]
         [--route phantom|real|images] [--gain 1.024] [--step-weight-cutoff 8 (0: no grid-step weights)]
 """
 
@@ -53,7 +54,9 @@ from bml_pipeline.synth.phantom import DEFAULT_LESIONS, KneeSpec, Pose, make_pha
 from bml_pipeline.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
-SPACINGS = {"oai": (0.7, 0.3646, 0.3646), "dess": (0.3125, 0.3125, 1.5)}
+# oai: sagittal 0.7 mm slices; dess: 1.5 mm slices across the S-I axis (axial: the articular surfaces of the
+# distal femur and the plateau lie nearly in the slices); sagittal_thick: clinical sagittal 1.5 mm slices.
+SPACINGS = {"oai": (0.7, 0.3646, 0.3646), "dess": (0.3125, 0.3125, 1.5), "sagittal_thick": (1.5, 0.3125, 0.3125)}
 BASE_FEMORAL_BML_CM3 = 3.0
 BML_CHANGE_CM3 = -2.1
 THICKNESS_GAIN = 1.024
