@@ -32,7 +32,7 @@ each bone's epiphysis centroid) and the largest alignment residual. Targets: +-0
 Usage::
 
     .venv/bin/python scripts/validate_longitudinal.py [--pairs 3] [--seed 7] [--spacing oai|dess|sagittal_thick] [--json OUT]
-        [--route phantom|real|images] [--gain 1.024] [--step-weight-cutoff 8 (0: no grid-step weights)]
+        [--route phantom|real|images] [--gain 1.024]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import numpy as np
 
 from bml_pipeline.errors import InputError
 from bml_pipeline.labels import load_schema
-from bml_pipeline.longitudinal.change import ChangeConfig, compare_visits
+from bml_pipeline.longitudinal.change import compare_visits
 from bml_pipeline.longitudinal.transform import RigidTransform, rotation_difference_deg
 from bml_pipeline.synth.phantom import DEFAULT_LESIONS, KneeSpec, Pose, make_phantom
 from bml_pipeline.volume import Volume
@@ -128,10 +128,9 @@ def num(value: float | None, spec: str) -> str:
 
 
 def evaluate(baseline: Volume, followup: Volume, truth: RigidTransform, bml_truth: float = BML_CHANGE_CM3,
-             thickness_truth: float = 100.0 * (THICKNESS_GAIN - 1.0), force: bool = False,
-             config: ChangeConfig | None = None) -> dict[str, float]:
+             thickness_truth: float = 100.0 * (THICKNESS_GAIN - 1.0), force: bool = False) -> dict[str, float]:
     schema = load_schema("oai_zib")
-    change = compare_visits(baseline, followup, schema, force=force, config=config)
+    change = compare_visits(baseline, followup, schema, force=force)
     d = change.to_dict()
     femur_bml = d["bml"]["femur"]
     fc = d["cartilage"]["femoral_cartilage"]
@@ -183,11 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="knee_synth_v1", help="segmentation model (route images)")
     parser.add_argument("--refine", action="store_true", help="classical BML refinement (route images)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "oai_labels"))
-    parser.add_argument("--step-weight-cutoff", type=float, default=ChangeConfig().step_weight_cutoff_mm,
-                        help="ChangeConfig.step_weight_cutoff_mm (0: thickness means without the grid-step weights)")
     parser.add_argument("--json", help="write the per-pair results here")
     args = parser.parse_args(argv)
-    config = ChangeConfig(step_weight_cutoff_mm=args.step_weight_cutoff)
     rng = np.random.default_rng(args.seed)
     paths = sorted(Path(args.data).glob("akoa_*_00m_labels.nii.gz"))[: args.pairs]
     if args.route == "real" and len(paths) < args.pairs:
@@ -214,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                                         for k, v in enumerate((base, foll)))
             try:
                 # Forced: predicted bones may fail the same-knee check; the change is reported anyway.
-                r = evaluate(b, f, truth, thickness_truth=100.0 * (args.gain - 1.0), force=True, config=config)
+                r = evaluate(b, f, truth, thickness_truth=100.0 * (args.gain - 1.0), force=True)
             except InputError as error:
                 print(f"{i:>4} failed: {error}", flush=True)
                 continue
@@ -222,12 +218,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"     Dice baseline {dice_b}, follow-up {dice_f}", flush=True)
         elif args.route == "real":
             baseline, followup, truth, bml_truth, thickness_truth = make_real_pair(rng, paths[i])
-            r = evaluate(baseline, followup, truth, bml_truth, thickness_truth, config=config)
+            r = evaluate(baseline, followup, truth, bml_truth, thickness_truth)
             r["source"] = paths[i].name
         else:
             base, foll, truth = make_pair(rng, SPACINGS[args.spacing], args.gain)
             r = evaluate(cut(base.labels, 2, 0.0, 8.0), cut(foll.labels, 2, 12.0, 0.0), truth,
-                         thickness_truth=100.0 * (args.gain - 1.0), config=config)
+                         thickness_truth=100.0 * (args.gain - 1.0))
         r["seconds"] = time.perf_counter() - start
         results.append(r)
         les = r["lesions"]

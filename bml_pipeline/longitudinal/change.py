@@ -15,15 +15,9 @@
    different field of view, pose or partly segmented plate does not bias the change. Subregions are
    assigned with the baseline's subregion model at both visits.
 
-   Each point is weighted by its area and by how well *both* visits' voxel grids localize the surface
-   there (:func:`grid_step_weight`): where a surface lies within a few degrees of a grid plane, a binary
-   label map is a staircase with steps several mm long, and where the surface sits inside a voxel
-   (hence its local thickness) depends on the knee's pose on the grid. The weight is a function of the
-   anatomical point and of the two grids, the same at both visits, so the region means stay means of
-   the same anatomy; it only lowers the influence of surface the labels cannot place. On the analytic
-   phantom (condyles are cylinders along the slice axis) the worst thickness-change error fell from
-   0.41 to 0.17 pp with about 90 % of the region's area at full weight
-   (``scripts/validate_longitudinal.py``).
+   What remains is the pose dependence of the thickness itself (voxel staircases that run parallel to
+   a grid axis over a long stretch of surface): on the analytic phantom, whose condyles are cylinders
+   along the slice axis, the same knee at two poses reads -0.44 % to +0.2 % over the common region.
 
 All deltas are follow-up minus baseline; ``delta_percent`` is ``100 * delta / baseline`` and null (None)
 when the baseline is 0 or missing.
@@ -74,14 +68,6 @@ class ChangeConfig:
             mean (several percent on tapered phantom plates); the core's change is not biased by it.
             5 mm: a little more than the taper of real plates and of the phantom (4 mm); on the phantom
             pairs the thickness-change error falls from up to 0.83 pp (3 mm) to 0.40 pp.
-        step_weight_full_mm, step_weight_cutoff_mm: the staircase step length (mm) of the surface in a
-            voxel grid below which a point has full weight in the thickness means, and above which none
-            (linear in between); see :func:`grid_step_weight`. 4 / 8 mm: with 0.365 mm pixels the
-            weight falls where the surface is within 5 deg of the grid plane across an in-plane axis
-            (the slice axis is left to the measure stage's shape-based interpolation). A cutoff of 0
-            switches the weighting off.
-        step_weight_normal_sigma_mm: the weights are judged on the baseline's bone normals smoothed over the
-            surface with this Gaussian (:class:`SmoothNormals`), the same field for both visits' points.
         decimals: rounding of every reported number (byte-identical reruns).
     """
 
@@ -91,26 +77,15 @@ class ChangeConfig:
     view_margin_mm: float = 6.0
     max_centroid_mm: float = 5.0
     rim_exclusion_mm: float = 5.0
-    step_weight_full_mm: float = 4.0
-    step_weight_cutoff_mm: float = 8.0
-    step_weight_normal_sigma_mm: float = 1.5
     decimals: int = 6
-
-    def __post_init__(self) -> None:
-        if self.step_weight_cutoff_mm > 0 and not 0 <= self.step_weight_full_mm < self.step_weight_cutoff_mm:
-            raise ValueError("need 0 <= step_weight_full_mm < step_weight_cutoff_mm (or a cutoff of 0)")
-        if self.step_weight_normal_sigma_mm <= 0:
-            raise ValueError("step_weight_normal_sigma_mm must be > 0")
 
 
 @dataclass(frozen=True)
 class PlateChange:
     """Cartilage of one plate at both visits, over the common interface region.
 
-    Thickness in mm (mean over the common region, weighted by area and :func:`grid_step_weight`), areas in
-    mm2 (the common region's, unweighted), ``weight_fraction`` the share of the baseline region's area that
-    the grid weights keep, volumes in cm3; ``subregions`` maps a cartilage subregion to its (baseline,
-    follow-up) mean thickness.
+    Thickness in mm (area-weighted mean over the common region), areas in mm2, volumes in cm3;
+    ``subregions`` maps a cartilage subregion to its (baseline, follow-up) mean thickness.
     """
 
     plate: str
@@ -118,7 +93,6 @@ class PlateChange:
     thickness_followup_mm: float | None
     area_baseline_mm2: float
     area_followup_mm2: float
-    weight_fraction: float
     volume_baseline_cm3: float | None
     volume_followup_cm3: float | None
     subregions: dict[str, tuple[float | None, float | None]]
@@ -160,7 +134,6 @@ class Change:
                           "volume_delta_cm3": vol["delta_cm3"], "volume_delta_percent": vol["delta_percent"],
                           "area_baseline_mm2": round(c.area_baseline_mm2, 3),
                           "area_followup_mm2": round(c.area_followup_mm2, 3),
-                          "thickness_weight_fraction": round(c.weight_fraction, d),
                           "subregions": {name: _delta(sb, sf, "_mm", d, prefix="thickness_mean_")
                                          for name, (sb, sf) in c.subregions.items()}})
             cartilage[plate] = entry
@@ -306,10 +279,7 @@ def _plate_change(baseline: Volume, followup: Volume, schema: LabelSchema, plate
     # region's edge sits at the same anatomical place at both visits (no voxel re-quantisation).
     points_f = transform.inverse().apply(res_f.points_mm)
     in_b, in_f = region.contains(res_b.points_mm), region.contains(points_f)
-    weight_b, weight_f = grid_step_weights(baseline, followup, transform, res_b, points_f, config, measure_config)
-    w_b, w_f = in_b * weight_b, in_f * weight_f
-    area_b = float(res_b.areas_mm2[in_b].sum())
-    fraction = float(np.sum(w_b * res_b.areas_mm2) / area_b) if area_b > 0 else 0.0
+    mean_b, mean_f = res_b.mean_in(in_b), res_f.mean_in(in_f)
     subregions: dict[str, tuple[float | None, float | None]] = {}
     bone = schema.by_name(plate).bone
     if model is not None and bone is not None:
@@ -320,116 +290,9 @@ def _plate_change(baseline: Volume, followup: Volume, schema: LabelSchema, plate
         idx_f = model.classify(bone, points_f, clip_height=False)
         for name, parts in CARTILAGE_REGIONS[bone].items():
             ids = [names.index(p) for p in parts]
-            subregions[name] = (res_b.mean_weighted(w_b * np.isin(idx_b, ids)),
-                                res_f.mean_weighted(w_f * np.isin(idx_f, ids)))
-    return PlateChange(plate, res_b.mean_weighted(w_b), res_f.mean_weighted(w_f), area_b,
-                       float(res_f.areas_mm2[in_f].sum()), fraction, volumes[0], volumes[1], subregions)
-
-
-def grid_step_weights(baseline: Volume, followup: Volume, transform: RigidTransform, result_b,
-                      points_f: np.ndarray, config: ChangeConfig,
-                      measure_config=None) -> tuple[np.ndarray, np.ndarray]:
-    """Weights (0..1) of the baseline's interface points (``result_b``, a ThicknessResult) and of the
-    follow-up's, given in the baseline's world (``points_f``): one weight per anatomical point, the same
-    at both visits, the product of :func:`grid_step_weight` in both visits' grids (each without the axis
-    that ``measure_config``'s thickness interpolates across; default: the default MeasureConfig).
-
-    The surface direction is the baseline's bone normals smoothed over the surface
-    (:class:`SmoothNormals`), one field for both visits' points. Each visit's own normals would not do:
-    they wobble with that visit's staircase, so the weight would select by the staircase and bias the mean.
-    """
-    from bml_pipeline.measure.config import MeasureConfig
-
-    full, cutoff = config.step_weight_full_mm, config.step_weight_cutoff_mm
-    if cutoff <= 0:
-        return np.ones(len(result_b.points_mm)), np.ones(len(points_f))
-    measure_config = measure_config or MeasureConfig()
-    skip_b, skip_f = interpolated_axis(baseline, measure_config), interpolated_axis(followup, measure_config)
-    normal_at = SmoothNormals(result_b.points_mm, result_b.normals, result_b.areas_mm2,
-                              config.step_weight_normal_sigma_mm)
-
-    def weight(points: np.ndarray) -> np.ndarray:
-        normals = normal_at(points)
-        return (grid_step_weight(baseline, normals, full, cutoff, skip_b)
-                * grid_step_weight(followup, normals @ transform.rotation.T, full, cutoff, skip_f))
-
-    return weight(result_b.points_mm), weight(points_f)
-
-
-class SmoothNormals:
-    """Unit normal field of a surface given as points with normals and areas, smoothed over the surface:
-    the area-weighted normals are spread (trilinearly) onto a grid of ``sigma_mm / 2`` cells, smoothed
-    with a Gaussian of ``sigma_mm``, and read back by trilinear interpolation at any point (mm)."""
-
-    def __init__(self, points: np.ndarray, normals: np.ndarray, areas: np.ndarray, sigma_mm: float) -> None:
-        from scipy import ndimage
-
-        points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-        self.cell = sigma_mm / 2.0
-        self.origin = (points.min(axis=0) if len(points) else np.zeros(3)) - 4.0 * sigma_mm
-        upper = (points.max(axis=0) if len(points) else np.zeros(3)) + 4.0 * sigma_mm
-        shape = tuple(np.ceil((upper - self.origin) / self.cell).astype(int) + 2)
-        idx = (points - self.origin) / self.cell
-        low = np.floor(idx).astype(np.intp)
-        frac = idx - low
-        weighted = np.asarray(normals, dtype=np.float64).reshape(-1, 3) * np.asarray(areas, dtype=np.float64)[:, None]
-        size = int(np.prod(shape))
-        self.fields = [np.zeros(size) for _ in range(3)]
-        for corner in np.ndindex(2, 2, 2):
-            share = np.prod(np.where(corner, frac, 1.0 - frac), axis=1)
-            flat = np.ravel_multi_index((low + corner).T, shape)
-            for k in range(3):
-                self.fields[k] += np.bincount(flat, weights=share * weighted[:, k], minlength=size)
-        self.fields = [ndimage.gaussian_filter(f.reshape(shape), 2.0) for f in self.fields]  # sigma: 2 cells
-
-    def __call__(self, points: np.ndarray) -> np.ndarray:
-        """Smoothed unit normals (N, 3) at world points (N, 3)."""
-        from scipy import ndimage
-
-        idx = ((np.asarray(points, dtype=np.float64).reshape(-1, 3) - self.origin) / self.cell).T
-        field = np.stack([ndimage.map_coordinates(f, idx, order=1, mode="nearest") for f in self.fields], axis=1)
-        return field / np.maximum(np.linalg.norm(field, axis=1, keepdims=True), 1e-12)
-
-
-def grid_step_weight(volume: Volume, normals: np.ndarray, full_mm: float, cutoff_mm: float,
-                     skip_axis: int | None = None) -> np.ndarray:
-    """Weight (0..1) of surface points with unit world ``normals`` (N, 3) by how well ``volume``'s voxel
-    grid localizes the surface there.
-
-    A surface tilted by ``theta`` from the grid plane across array axis ``a`` is, in a binary label map,
-    a staircase with steps ``spacing[a] / tan(theta)`` mm long. Within a step the label map cannot tell
-    where the surface lies inside the voxel, and along a long step that error does not average out (a
-    plane exactly parallel to a grid plane is off by up to half a voxel everywhere). The weight is 1
-    while the longest step (over the array axes but ``skip_axis``) is below ``full_mm``, 0 above
-    ``cutoff_mm``, linear in between; all ones when ``cutoff_mm`` is 0. The change stage skips the axis
-    the measure stage already interpolates across (:func:`interpolated_axis`): there the thickness is
-    measured on the shape-based interpolation of the slices, which places the surface between the steps.
-    """
-    if cutoff_mm <= 0:
-        return np.ones(len(np.reshape(normals, (-1, 3))))
-    step = staircase_step_mm(volume, normals, skip_axis)
-    return np.clip((cutoff_mm - step) / max(cutoff_mm - full_mm, 1e-9), 0.0, 1.0)
-
-
-def staircase_step_mm(volume: Volume, normals: np.ndarray, skip_axis: int | None = None) -> np.ndarray:
-    """Longest staircase step (mm), over the array axes (but ``skip_axis``), of surfaces with unit world
-    ``normals`` (N, 3) in ``volume``'s voxel grid: ``spacing[a] / tan(tilt)`` for the tilt from the grid
-    plane across axis ``a``."""
-    normals = np.asarray(normals, dtype=np.float64).reshape(-1, 3)
-    cos = np.clip(np.abs(normals @ volume.direction), 0.0, 1.0)  # |cos| of the normal to each array axis
-    step = np.asarray(volume.spacing) * cos / np.sqrt(np.maximum(1.0 - cos * cos, 1e-12))
-    if skip_axis is not None:
-        step[:, skip_axis] = 0.0
-    return step.max(axis=1)
-
-
-def interpolated_axis(volume: Volume, measure_config) -> int | None:
-    """The array axis the measure stage interpolates across (shape-based, see
-    :mod:`bml_pipeline.measure.thickness` step 6): the one of the largest spacing; None when that
-    interpolation is off."""
-    if measure_config.shape_interp_cutoff_step_mm <= 0:
-        return None
-    return int(np.argmax(volume.spacing))
+            subregions[name] = (res_b.mean_in(in_b & np.isin(idx_b, ids)), res_f.mean_in(in_f & np.isin(idx_f, ids)))
+    return PlateChange(plate, mean_b, mean_f, float(res_b.areas_mm2[in_b].sum()), float(res_f.areas_mm2[in_f].sum()),
+                       volumes[0], volumes[1], subregions)
 
 
 @dataclass(frozen=True, eq=False)

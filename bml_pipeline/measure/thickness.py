@@ -132,14 +132,10 @@ class ThicknessResult:
 
     def mean_in(self, select: np.ndarray) -> float | None:
         """Area-weighted mean thickness (mm) of the points where ``select`` (bool, (N,)) is true."""
-        return self.mean_weighted(np.asarray(select, dtype=bool))
-
-    def mean_weighted(self, weights: np.ndarray) -> float | None:
-        """Mean thickness (mm) weighted by area times ``weights`` ((N,), >= 0); None when they sum to 0."""
-        w = self.areas_mm2 * np.asarray(weights, dtype=np.float64)
+        w = self.areas_mm2[select]
         if w.size == 0 or w.sum() <= 0:
             return None
-        return float(np.sum(w * self.thickness_mm) / w.sum())
+        return float(np.sum(w * self.thickness_mm[select]) / w.sum())
 
 
 def cartilage_thickness(labels: Volume, schema: LabelSchema, plate: str, *, config: MeasureConfig | None = None,
