@@ -208,7 +208,12 @@ def _change_lesion(arr: np.ndarray, labels: Volume, schema: LabelSchema, bone: s
         start = np.zeros_like(lesion)
         start[_seed_voxel(arr, labels, schema, bone, box, seed_point)] = True
     reach = ndimage.distance_transform_edt(~start, sampling=spacing) + noise
-    candidates = np.flatnonzero(sub == bone_id)
+    # Bone voxels with a bone neighbour only: a stray bone voxel of a hand-drawn map, turned into lesion,
+    # would be a lesion that does not touch its bone (bad input to the measure stage).
+    bone_voxels = sub == bone_id
+    in_bone = bone_voxels & (ndimage.convolve(bone_voxels.view(np.uint8), np.ones((3, 3, 3), np.uint8),
+                                              mode="constant") > 1)
+    candidates = np.flatnonzero(in_bone)
     if count > len(candidates):
         raise InputError(source, f"the {bone} has room for only {len(candidates)} more lesion voxels")
     sub[np.unravel_index(_ranked(candidates, reach)[:count], sub.shape)] = lesion_id
