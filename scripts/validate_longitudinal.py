@@ -21,6 +21,12 @@ by 2.1 cm3 and its femoral cartilage thinned on the articular side by 1 - 1/1.02
 random rigid motion (+-10 deg, +-5 mm) and cut 10 mm at the top; the follow-up is the untouched real map.
 So the change baseline -> follow-up is -2.1 cm3 and +2.4 % (truth from the achieved voxel counts).
 
+``--route resampled`` measures the pose dependence on real anatomy: each real map (the 00m visits) is
+made a continuous anatomy (every label's indicator smoothed by 0.35 mm) and rasterized again at two random
+poses on its own grid (:func:`resample_smoothly`); nothing else changes, so the truth is 0 for the BML and
+every thickness change. Unlike ``--route real`` (which moves the grid with the anatomy), the voxel grid
+cuts the anatomy differently at the two visits, as in the phantom route.
+
 The truth of the alignment is the rigid map baseline world -> follow-up world of the two poses. The
 change is computed by :func:`bml_pipeline.longitudinal.change.compare_visits` on the label maps (measure
 stage included). Printed per pair: recovered femoral BML change (truth -2.1 cm3), femoral thickness
@@ -32,7 +38,7 @@ each bone's epiphysis centroid) and the largest alignment residual. Targets: +-0
 Usage::
 
     .venv/bin/python scripts/validate_longitudinal.py [--pairs 3] [--seed 7] [--spacing oai|dess|sagittal_thick] [--json OUT]
-        [--route phantom|real|images] [--gain 1.024]
+        [--route phantom|real|resampled|images] [--gain 1.024]
 """
 
 from __future__ import annotations
@@ -115,6 +121,46 @@ def make_real_pair(rng: np.random.Generator, path: Path):
     return baseline, original, RigidTransform(np.linalg.inv(motion)), bml_delta, thickness_pct
 
 
+def resample_smoothly(original: Volume, motion: np.ndarray, sigma_mm: float = 0.35) -> Volume:
+    """``original``'s anatomy moved by the rigid ``motion`` (4x4, world mm) and rasterized again on the
+    original grid: every label's indicator is smoothed (Gaussian, ``sigma_mm``) into a continuous anatomy,
+    sampled trilinearly at the moved voxel centres, and each voxel takes the label of the largest value."""
+    from scipy import ndimage
+
+    arr = np.asarray(original.array)
+    to_original = np.linalg.inv(original.affine) @ np.linalg.inv(motion) @ original.affine  # index -> index
+    idx = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in arr.shape], indexing="ij"), 0)
+    src = np.tensordot(to_original[:3, :3].astype(np.float32), idx, axes=1)
+    src += to_original[:3, 3].astype(np.float32)[:, None, None, None]
+    del idx
+    best = np.full(arr.shape, -1.0, dtype=np.float32)
+    out = np.zeros(arr.shape, dtype=arr.dtype)
+    sigma = sigma_mm / np.asarray(original.spacing)
+    for label in np.unique(arr):
+        field = ndimage.gaussian_filter((arr == label).astype(np.float32), sigma)
+        value = ndimage.map_coordinates(field, src, order=1, mode="nearest")
+        better = value > best
+        best[better], out[better] = value[better], label
+    return original.with_array(out)
+
+
+def make_resampled_pair(rng: np.random.Generator, path: Path):
+    """(baseline, follow-up, truth transform): one real label map's anatomy, made continuous by
+    :func:`resample_smoothly`, at two random poses on the same grid (rotations about the field of view's
+    centre up to +-5 / +-10 deg, translations up to +-3 / +-5 mm). Nothing changes but the pose."""
+    from bml_pipeline.io import read_labels
+
+    original = read_labels(path, load_schema("oai_zib"))
+    centre = original.world_coords((np.asarray(original.shape) - 1) / 2.0)
+    motions = []
+    for rotation, translation in ((5.0, 3.0), (10.0, 5.0)):
+        motion = Pose.random(rng, rotation, translation).matrix()
+        motion[:3, 3] += centre - motion[:3, :3] @ centre
+        motions.append(motion)
+    base, foll = (resample_smoothly(original, m) for m in motions)
+    return base, foll, RigidTransform(motions[1] @ np.linalg.inv(motions[0]))
+
+
 def minus(value: float | None, truth: float) -> float | None:
     return None if value is None else value - truth
 
@@ -174,9 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--spacing", choices=sorted(SPACINGS), default="oai")
-    parser.add_argument("--route", choices=("phantom", "real", "images"), default="phantom",
-                        help="analytic phantom pairs, real OAI label maps with injected change, or phantom "
-                             "pairs as synthesized images through the segmentation stage")
+    parser.add_argument("--route", choices=("phantom", "real", "resampled", "images"), default="phantom",
+                        help="analytic phantom pairs, real OAI label maps with injected change, real maps "
+                             "re-rasterized at two poses without change, or phantom pairs as synthesized "
+                             "images through the segmentation stage")
     parser.add_argument("--gain", type=float, default=THICKNESS_GAIN,
                         help="femoral thickness factor at follow-up, phantom routes (1.0: pose dependence alone)")
     parser.add_argument("--model", default="knee_synth_v1", help="segmentation model (route images)")
@@ -186,15 +233,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     paths = sorted(Path(args.data).glob("akoa_*_00m_labels.nii.gz"))[: args.pairs]
-    if args.route == "real" and len(paths) < args.pairs:
+    if args.route in ("real", "resampled") and len(paths) < args.pairs:
         print(f"only {len(paths)} baseline maps in {args.data}", file=sys.stderr)
         return 2
     results = []
     head = (f"{'pair':>4} {'rot (deg)':>9} {'BML d (cm3)':>11} {'err':>7} {'thick d (%)':>11} {'err (pp)':>8} "
             f"{'tib d (%)':>9} {'rot err':>8} {'pat rot':>8} {'trans err':>9} {'resid':>6} {'lesions p/n/r':>13} {'time':>6}")
-    grid = "real OAI label maps (0.7 x 0.365 x 0.365 mm)" if args.route == "real" else f"phantom, spacing {SPACINGS[args.spacing]} mm"
-    print(f"{grid}; truth: BML {BML_CHANGE_CM3:+.2f} cm3, thickness {100 * (args.gain - 1):+.1f} % (phantom routes), "
-          "tibial thickness 0 %")
+    grid = {"real": "real OAI label maps (0.7 x 0.365 x 0.365 mm)",
+            "resampled": "real OAI label maps re-rasterized at two poses (0.7 x 0.365 x 0.365 mm)"}.get(
+        args.route, f"phantom, spacing {SPACINGS[args.spacing]} mm")
+    if args.route == "resampled":
+        print(f"{grid}; truth: no change (BML 0 cm3, thickness 0 %)")
+    else:
+        print(f"{grid}; truth: BML {BML_CHANGE_CM3:+.2f} cm3, thickness {100 * (args.gain - 1):+.1f} % (phantom "
+              "routes), tibial thickness 0 %")
     print(head)
     print("-" * len(head))
     predictor = None
@@ -216,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             r["dice"] = {"baseline": dice_b, "followup": dice_f}
             print(f"     Dice baseline {dice_b}, follow-up {dice_f}", flush=True)
+        elif args.route == "resampled":
+            baseline, followup, truth = make_resampled_pair(rng, paths[i])
+            r = evaluate(baseline, followup, truth, bml_truth=0.0, thickness_truth=0.0)
+            r["source"] = paths[i].name
         elif args.route == "real":
             baseline, followup, truth, bml_truth, thickness_truth = make_real_pair(rng, paths[i])
             r = evaluate(baseline, followup, truth, bml_truth, thickness_truth)
