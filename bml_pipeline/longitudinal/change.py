@@ -17,7 +17,11 @@
 
    What remains is the pose dependence of the thickness itself (voxel staircases that run parallel to
    a grid axis over a long stretch of surface): on the analytic phantom, whose condyles are cylinders
-   along the slice axis, the same knee at two poses reads -0.44 % to +0.2 % over the common region.
+   along the slice axis, the same knee at two poses reads -0.44 % to +0.2 % over the common region. It
+   is in the binary label maps, not in the smoothing, and the region mean is not re-weighted against
+   it: a staircase's errors cancel only over whole steps, so down-weighting the surface that lies near a
+   grid plane is a biased selection (an unchanged cylinder then read -0.9 to -1.1 %;
+   ``scripts/diagnose_pose_dependence.py``, sections 4 and 5).
 
 All deltas are follow-up minus baseline; ``delta_percent`` is ``100 * delta / baseline`` and null (None)
 when the baseline is 0 or missing.
