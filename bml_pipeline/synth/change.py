@@ -208,12 +208,11 @@ def _change_lesion(arr: np.ndarray, labels: Volume, schema: LabelSchema, bone: s
         start = np.zeros_like(lesion)
         start[_seed_voxel(arr, labels, schema, bone, box, seed_point)] = True
     reach = ndimage.distance_transform_edt(~start, sampling=spacing) + noise
-    # Bone voxels with a bone neighbour only: a stray bone voxel of a hand-drawn map, turned into lesion,
-    # would be a lesion that does not touch its bone (bad input to the measure stage).
-    bone_voxels = sub == bone_id
-    in_bone = bone_voxels & (ndimage.convolve(bone_voxels.view(np.uint8), np.ones((3, 3, 3), np.uint8),
-                                              mode="constant") > 1)
-    candidates = np.flatnonzero(in_bone)
+    # Only the bone proper (the largest 26-connected piece of bone and lesion): a stray bone speck of a
+    # hand-drawn map, turned into lesion, would be a lesion that does not touch its bone (bad input).
+    pieces, n = ndimage.label(whole[box], ndimage.generate_binary_structure(3, 3))
+    proper = pieces == (np.argmax(np.bincount(pieces.ravel())[1:]) + 1) if n > 1 else pieces > 0
+    candidates = np.flatnonzero((sub == bone_id) & proper)
     if count > len(candidates):
         raise InputError(source, f"the {bone} has room for only {len(candidates)} more lesion voxels")
     sub[np.unravel_index(_ranked(candidates, reach)[:count], sub.shape)] = lesion_id
