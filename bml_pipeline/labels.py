@@ -82,7 +82,7 @@ class LabelSchema:
             if np.any(array != np.round(array)):
                 raise InputError(source, "label map contains non-integer values")
         # bincount is far faster than np.unique on large label maps.
-        values = _present_values(array)
+        values = present_values(array)
         unknown = sorted(set(values) - self.ids)
         if unknown:
             raise InputError(
@@ -91,9 +91,9 @@ class LabelSchema:
             )
 
 
-def _present_values(array: np.ndarray) -> list[int]:
+def present_values(array: np.ndarray) -> list[int]:
     """Sorted distinct integer values of ``array``."""
-    flat = np.asarray(array).ravel()
+    flat = np.asarray(array).ravel(order="K")  # memory order: no copy of a Fortran-ordered map
     lo, hi = int(flat.min()), int(flat.max())
     if lo >= 0 and hi < 65536:
         counts = np.bincount(flat.astype(np.int64, copy=False), minlength=hi + 1)

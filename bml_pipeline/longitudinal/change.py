@@ -30,16 +30,18 @@ when the baseline is 0 or missing.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from bml_pipeline.errors import InputError
-from bml_pipeline.labels import LabelSchema
+from bml_pipeline.labels import LabelSchema, present_values
 from bml_pipeline.longitudinal.align import AlignConfig, BoneAlignment, align_bone
 from bml_pipeline.longitudinal.lesions import LesionGroup, match_lesions, summarize_groups
 from bml_pipeline.longitudinal.transform import RigidTransform
+from bml_pipeline.measure.thickness import available_threads
 from bml_pipeline.volume import Volume, bounding_box
 
 log = logging.getLogger(__name__)
@@ -189,7 +191,7 @@ def compare_visits(baseline: Volume, followup: Volume, schema: LabelSchema, *,
     if problems and not force:
         _refuse(baseline, followup, problems)
     alignment = {}
-    present = [set(np.flatnonzero(np.bincount(v.array.ravel().astype(np.int64, copy=False)))) for v in (baseline, followup)]
+    present = [set(present_values(v.array)) for v in (baseline, followup)]
     for bone in (s.name for s in schema.bones):
         ids = set(schema.bone_ids(bone))
         if not (ids & present[0] and ids & present[1]):
@@ -232,13 +234,17 @@ def compare_visits(baseline: Volume, followup: Volume, schema: LabelSchema, *,
     bml["total"] = (_get(m_base, "bml", "total_volume_cm3"), _get(m_foll, "bml", "total_volume_cm3"))
 
     model = _subregion_model(baseline, schema, side_b)
-    cartilage = {}
-    for plate in schema.of_kind("cartilage"):
-        if plate.bone not in alignment:
-            continue
-        cartilage[plate.name] = _plate_change(
-            baseline, followup, schema, plate.name, alignment[plate.bone].transform, model, config, measure_config,
-            (_get(m_base, "structures", plate.name, "volume_cm3"), _get(m_foll, "structures", plate.name, "volume_cm3")))
+    plates = [plate.name for plate in schema.of_kind("cartilage") if plate.bone in alignment]
+
+    def plate_change(plate: str) -> PlateChange:
+        bone = schema.by_name(plate).bone
+        return _plate_change(baseline, followup, schema, plate, alignment[bone].transform, model, config,
+                             measure_config, (_get(m_base, "structures", plate, "volume_cm3"),
+                                              _get(m_foll, "structures", plate, "volume_cm3")))
+
+    # The plates concurrently, as in the measure stage (threads capped by OMP_NUM_THREADS when set).
+    with ThreadPoolExecutor(max_workers=min(available_threads(), max(len(plates), 1))) as pool:
+        cartilage = dict(zip(plates, pool.map(plate_change, plates)))
     return Change(side=side_b or side_f, alignment=alignment, bml=bml, bml_subregions=bml_sub, lesions=lesions,
                   cartilage=cartilage, forced=bool(mismatch), mismatch=mismatch, config=config,
                   sources={"baseline": baseline.meta.source, "followup": followup.meta.source})

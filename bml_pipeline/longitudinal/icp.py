@@ -89,6 +89,9 @@ def refine(fixed: Surface, moving: Surface, start: RigidTransform, *, max_pair_m
     when fewer than 100 pairs hold."""
     from scipy.spatial import cKDTree
 
+    from bml_pipeline.measure.thickness import available_threads
+
+    workers = available_threads()
     tree_m, tree_f = cKDTree(moving.points), cKDTree(fixed.points)
     transform = start
     for _ in range(iterations):
@@ -98,10 +101,11 @@ def refine(fixed: Surface, moving: Surface, start: RigidTransform, *, max_pair_m
         centre = np.average(p, axis=0, weights=fixed.areas)
         # Baseline points against the follow-up's tangent planes, then follow-up points against the
         # baseline's: in both the baseline point is the one the update moves.
-        dist, j = tree_m.query(p, distance_upper_bound=max_pair_mm)
+        dist, j = tree_m.query(p, distance_upper_bound=max_pair_mm, workers=workers)
         f = np.isfinite(dist)
         forward = _plane_rows(p[f], moving.points[j[f]], moving.normals[j[f]], n_p[f], fixed.areas[f], centre)
-        dist, i = tree_f.query(transform.inverse().apply(moving.points), distance_upper_bound=max_pair_mm)
+        dist, i = tree_f.query(transform.inverse().apply(moving.points), distance_upper_bound=max_pair_mm,
+                               workers=workers)
         f = np.isfinite(dist)
         backward = _plane_rows(p[i[f]], moving.points[f], n_p[i[f]], moving.normals[f], moving.areas[f], centre)
         a, b, w = (np.concatenate(parts) for parts in zip(forward, backward))

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bml_pipeline.longitudinal.transform import RigidTransform, pull_to_grid
-from bml_pipeline.volume import Volume
+from bml_pipeline.volume import Volume, bounding_box
 
 STATUSES = ("persisting", "new", "resolved")
 
@@ -110,18 +110,22 @@ def summarize_groups(groups: tuple[LesionGroup, ...], decimals: int = 6) -> dict
 def _components(labels: Volume, lesion_id: int, min_volume_mm3: float, connectivity: int) -> _Components:
     from scipy import ndimage
 
+    full = np.zeros(labels.shape, dtype=np.int32)
     mask = labels.array == lesion_id
+    box = bounding_box(mask)  # labelling only the lesions' box: a few % of the grid
+    if box is None:
+        return _Components(full, np.zeros(0), np.zeros((0, 3)))
+    mask = mask[box]
     comp, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, connectivity))
-    if n == 0:
-        return _Components(comp.astype(np.int32), np.zeros(0), np.zeros((0, 3)))
     counts = np.bincount(comp.ravel(), minlength=n + 1)[1:]
     volumes = counts * labels.voxel_volume_mm3
     keep = volumes >= min_volume_mm3
     relabel = np.zeros(n + 1, dtype=np.int32)
     relabel[1:][keep] = np.arange(1, int(keep.sum()) + 1)
     index = np.flatnonzero(keep) + 1
-    centres = np.array(ndimage.center_of_mass(mask, comp, index)).reshape(-1, 3)
-    return _Components(relabel[comp], volumes[keep], labels.world_coords(centres))
+    centres = np.array(ndimage.center_of_mass(mask, comp, index)).reshape(-1, 3) + [s.start for s in box]
+    full[box] = relabel[comp]
+    return _Components(full, volumes[keep], labels.world_coords(centres))
 
 
 def _linked_sets(links: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
