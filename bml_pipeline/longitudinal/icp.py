@@ -94,6 +94,10 @@ def refine(fixed: Surface, moving: Surface, start: RigidTransform, *, max_pair_m
 
     workers = available_threads()
     tree_m, tree_f = cKDTree(moving.points), cKDTree(fixed.points)
+    # Farthest baseline point from its area-weighted centroid (rigid maps keep it): an update of rotation
+    # omega and translation t moves no point farther than |omega| * reach + |t|.
+    reach = float(np.max(np.linalg.norm(fixed.points - np.average(fixed.points, axis=0, weights=fixed.areas),
+                                        axis=1)))
     transform = start
     for _ in range(iterations):
         p = transform.apply(fixed.points)  # baseline points in the follow-up's world
@@ -117,7 +121,6 @@ def refine(fixed: Surface, moving: Surface, start: RigidTransform, *, max_pair_m
         a, b, w = a[keep], b[keep], w[keep]
         x, *_ = np.linalg.lstsq(a * np.sqrt(w)[:, None], b * np.sqrt(w), rcond=None)
         transform = _small_rigid(x[:3], x[3:], centre).compose(transform)
-        reach = float(np.max(np.linalg.norm(p - centre, axis=1)))  # farthest point from the rotation centre
         if np.linalg.norm(x[:3]) * reach + np.linalg.norm(x[3:]) < converged_mm:
             break
     return transform
