@@ -26,9 +26,15 @@ thins by more (it reads +2.8 to +3.2 %, BENCHMARKS.md); this route checks BML an
 
 ``--route resampled`` measures the pose dependence on real anatomy: each real map (the 00m visits) is
 made a continuous anatomy (every label's indicator smoothed by 0.35 mm) and rasterized again at two random
-poses on its own grid (:func:`resample_smoothly`); nothing else changes, so the truth is 0 for the BML and
-every thickness change. Unlike ``--route real`` (which moves the grid with the anatomy), the voxel grid
-cuts the anatomy differently at the two visits, as in the phantom route.
+poses on its own grid (:mod:`bml_pipeline.synth.resample`); nothing else changes, so the truth is 0 for
+the BML and every thickness change. Unlike ``--route real`` (which moves the grid with the anatomy), the
+voxel grid cuts the anatomy differently at the two visits, as in the phantom route. With ``--gain`` other than 1 the
+follow-up's femoral articular surface is also moved outward by a constant ``delta = (gain - 1) x`` the
+plate's mean thickness (``articular_shift``), so the femoral cartilage thickens by ``delta`` mm everywhere
+it covers the bone; the thickness truth of the common region is ``100 delta / T`` % with ``T``
+the region's baseline mean (measured; its error of a few tenths of a percent moves the truth by about a
+hundredth of a point). Where femoral and tibial cartilage touch, the tibial plate gives way (its change
+is no longer 0 there).
 
 Phantom routes also print ``tilt b/f``: the angle between the phantom's femoral condyle axis (the condyles
 are cylinders along it) and the nearest plane of each visit's voxel grid. Within a few tenths of a degree
@@ -66,6 +72,7 @@ from bml_pipeline.labels import load_schema
 from bml_pipeline.longitudinal.change import compare_visits
 from bml_pipeline.longitudinal.transform import RigidTransform, rotation_difference_deg
 from bml_pipeline.synth.phantom import DEFAULT_LESIONS, KneeSpec, Pose, make_phantom
+from bml_pipeline.synth.resample import articular_shift, resample_smoothly
 from bml_pipeline.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,44 +137,31 @@ def make_real_pair(rng: np.random.Generator, path: Path):
     return baseline, original, RigidTransform(np.linalg.inv(motion)), bml_delta, thickness_pct
 
 
-def resample_smoothly(original: Volume, motion: np.ndarray, sigma_mm: float = 0.35) -> Volume:
-    """``original``'s anatomy moved by the rigid ``motion`` (4x4, world mm) and rasterized again on the
-    original grid: every label's indicator is smoothed (Gaussian, ``sigma_mm``) into a continuous anatomy,
-    sampled trilinearly at the moved voxel centres, and each voxel takes the label of the largest value."""
-    from scipy import ndimage
-
-    arr = np.asarray(original.array)
-    to_original = np.linalg.inv(original.affine) @ np.linalg.inv(motion) @ original.affine  # index -> index
-    idx = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in arr.shape], indexing="ij"), 0)
-    src = np.tensordot(to_original[:3, :3].astype(np.float32), idx, axes=1)
-    src += to_original[:3, 3].astype(np.float32)[:, None, None, None]
-    del idx
-    best = np.full(arr.shape, -1.0, dtype=np.float32)
-    out = np.zeros(arr.shape, dtype=arr.dtype)
-    sigma = sigma_mm / np.asarray(original.spacing)
-    for label in np.unique(arr):
-        field = ndimage.gaussian_filter((arr == label).astype(np.float32), sigma)
-        value = ndimage.map_coordinates(field, src, order=1, mode="nearest")
-        better = value > best
-        best[better], out[better] = value[better], label
-    return original.with_array(out)
-
-
-def make_resampled_pair(rng: np.random.Generator, path: Path):
-    """(baseline, follow-up, truth transform): one real label map's anatomy, made continuous by
-    :func:`resample_smoothly`, at two random poses on the same grid (rotations about the field of view's
-    centre up to +-5 / +-10 deg, translations up to +-3 / +-5 mm). Nothing changes but the pose."""
+def make_resampled_pair(rng: np.random.Generator, path: Path, gain: float = 1.0):
+    """(baseline, follow-up, truth transform, femoral articular shift mm): one real label map's anatomy,
+    made continuous by :func:`resample_smoothly`, at two random poses on the same grid (rotations about the
+    field of view's centre up to +-5 / +-10 deg, translations up to +-3 / +-5 mm). With ``gain`` 1 nothing
+    changes but the pose; otherwise the follow-up's femoral cartilage is thickened by
+    ``(gain - 1) x`` its mean thickness (``articular_shift``)."""
     from bml_pipeline.io import read_labels
+    from bml_pipeline.measure import cartilage_thickness
 
-    original = read_labels(path, load_schema("oai_zib"))
+    schema = load_schema("oai_zib")
+    original = read_labels(path, schema)
     centre = original.world_coords((np.asarray(original.shape) - 1) / 2.0)
     motions = []
     for rotation, translation in ((5.0, 3.0), (10.0, 5.0)):
         motion = Pose.random(rng, rotation, translation).matrix()
         motion[:3, 3] += centre - motion[:3, :3] @ centre
         motions.append(motion)
-    base, foll = (resample_smoothly(original, m) for m in motions)
-    return base, foll, RigidTransform(motions[1] @ np.linalg.inv(motions[0]))
+    shift = 0.0
+    change = None
+    if gain != 1.0:
+        shift = (gain - 1.0) * cartilage_thickness(original, schema, "femoral_cartilage").stats.mean
+        change = articular_shift(original, schema, "femoral_cartilage", shift)
+    base = resample_smoothly(original, motions[0])
+    foll = resample_smoothly(original, motions[1], change=change)
+    return base, foll, RigidTransform(motions[1] @ np.linalg.inv(motions[0])), shift
 
 
 def tilt(result: dict) -> str:
@@ -200,12 +194,18 @@ def condyle_axis_tilt_deg(phantom) -> float:
 
 
 def evaluate(baseline: Volume, followup: Volume, truth: RigidTransform, bml_truth: float = BML_CHANGE_CM3,
-             thickness_truth: float = 100.0 * (THICKNESS_GAIN - 1.0), force: bool = False) -> dict[str, float]:
+             thickness_truth: float = 100.0 * (THICKNESS_GAIN - 1.0), force: bool = False,
+             thickness_shift_mm: float | None = None) -> dict[str, float]:
+    """The change between the visits against the truth. ``thickness_shift_mm``: the femoral cartilage
+    thickened by this many mm everywhere; the truth is then ``100 shift / T`` % (``T`` the common region's
+    baseline mean) instead of ``thickness_truth``."""
     schema = load_schema("oai_zib")
     change = compare_visits(baseline, followup, schema, force=force)
     d = change.to_dict()
     femur_bml = d["bml"]["femur"]
     fc = d["cartilage"]["femoral_cartilage"]
+    if thickness_shift_mm is not None and fc["thickness_mean_baseline_mm"]:
+        thickness_truth = 100.0 * thickness_shift_mm / fc["thickness_mean_baseline_mm"]
     rot = {bone: rotation_difference_deg(a.transform, truth) for bone, a in change.alignment.items()}
     trans = {bone: float(np.linalg.norm(a.transform.apply(a.centre_mm) - truth.apply(a.centre_mm)))
              for bone, a in change.alignment.items()}
@@ -250,13 +250,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="analytic phantom pairs, real OAI label maps with injected change, real maps "
                              "re-rasterized at two poses without change, or phantom pairs as synthesized "
                              "images through the segmentation stage")
-    parser.add_argument("--gain", type=float, default=THICKNESS_GAIN,
-                        help="femoral thickness factor at follow-up, phantom routes (1.0: pose dependence alone)")
+    parser.add_argument("--gain", type=float, default=None,
+                        help=f"femoral thickness factor at follow-up (default {THICKNESS_GAIN}; route resampled: 1.0); "
+                             "1.0: pose dependence alone")
     parser.add_argument("--model", default="knee_synth_v1", help="segmentation model (route images)")
     parser.add_argument("--refine", action="store_true", help="classical BML refinement (route images)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "oai_labels"))
     parser.add_argument("--json", help="write the per-pair results here")
     args = parser.parse_args(argv)
+    if args.gain is None:
+        args.gain = 1.0 if args.route == "resampled" else THICKNESS_GAIN
     rng = np.random.default_rng(args.seed)
     paths = sorted(Path(args.data).glob("akoa_*_00m_labels.nii.gz"))[: args.pairs]
     if args.route in ("real", "resampled") and len(paths) < args.pairs:
@@ -269,8 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     grid = {"real": "real OAI label maps (0.7 x 0.365 x 0.365 mm)",
             "resampled": "real OAI label maps re-rasterized at two poses (0.7 x 0.365 x 0.365 mm)"}.get(
         args.route, f"phantom, spacing {SPACINGS[args.spacing]} mm")
-    if args.route == "resampled":
+    if args.route == "resampled" and args.gain == 1.0:
         print(f"{grid}; truth: no change (BML 0 cm3, thickness 0 %)")
+    elif args.route == "resampled":
+        print(f"{grid}; truth: BML 0 cm3, femoral cartilage thickened by {100 * (args.gain - 1):.1f} % of its "
+              "mean thickness (truth per region in the JSON)")
     else:
         print(f"{grid}; truth: BML {BML_CHANGE_CM3:+.2f} cm3, thickness {100 * (args.gain - 1):+.1f} % (phantom "
               "routes), tibial thickness 0 %")
@@ -297,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             r["condyle_axis_tilt_deg"] = [condyle_axis_tilt_deg(v) for v in (base, foll)]
             print(f"     Dice baseline {dice_b}, follow-up {dice_f}", flush=True)
         elif args.route == "resampled":
-            baseline, followup, truth = make_resampled_pair(rng, paths[i])
-            r = evaluate(baseline, followup, truth, bml_truth=0.0, thickness_truth=0.0)
+            baseline, followup, truth, shift = make_resampled_pair(rng, paths[i], args.gain)
+            r = evaluate(baseline, followup, truth, bml_truth=0.0, thickness_truth=0.0, thickness_shift_mm=shift)
             r["source"] = paths[i].name
         elif args.route == "real":
             baseline, followup, truth, bml_truth, thickness_truth = make_real_pair(rng, paths[i])
