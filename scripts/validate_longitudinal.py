@@ -29,12 +29,13 @@ made a continuous anatomy (every label's indicator smoothed by 0.35 mm) and rast
 poses on its own grid (:mod:`bml_pipeline.synth.resample`); nothing else changes, so the truth is 0 for
 the BML and every thickness change. Unlike ``--route real`` (which moves the grid with the anatomy), the
 voxel grid cuts the anatomy differently at the two visits, as in the phantom route. With ``--gain`` other than 1 the
-follow-up's femoral articular surface is also moved outward by a constant ``delta = (gain - 1) x`` the
-plate's mean thickness (``articular_shift``), so the femoral cartilage thickens by ``delta`` mm everywhere
-it covers the bone; the thickness truth of the common region is ``100 delta / T`` % with ``T``
-the region's baseline mean (measured; its error of a few tenths of a percent moves the truth by about a
-hundredth of a point). Where femoral and tibial cartilage touch, the tibial plate gives way (its change
-is no longer 0 there).
+follow-up's femoral articular surface is also moved out along the bone normals by a constant
+``delta = (gain - 1) x`` the plate's mean thickness (``ArticularShift``), so the femoral cartilage
+thickens by about ``delta`` mm wherever it covers the bone. The truth is traced, not assumed: the
+baseline's rays over the common region are followed through the continuous anatomy with and without the
+change, and the truth is their mean extra length over their mean measured baseline thickness (where the
+cartilage is thinner than about a millimetre, the smoothed bone nudges the surface a little farther).
+Where femoral and tibial cartilage touch, the tibial plate gives way (its change is no longer 0 there).
 
 Phantom routes also print ``tilt b/f``: the angle between the phantom's femoral condyle axis (the condyles
 are cylinders along it) and the nearest plane of each visit's voxel grid. Within a few tenths of a degree
@@ -72,7 +73,7 @@ from bml_pipeline.labels import load_schema
 from bml_pipeline.longitudinal.change import compare_visits
 from bml_pipeline.longitudinal.transform import RigidTransform, rotation_difference_deg
 from bml_pipeline.synth.phantom import DEFAULT_LESIONS, KneeSpec, Pose, make_phantom
-from bml_pipeline.synth.resample import articular_shift, resample_smoothly
+from bml_pipeline.synth.resample import ArticularShift, resample_smoothly, thickening_along
 from bml_pipeline.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,11 +139,13 @@ def make_real_pair(rng: np.random.Generator, path: Path):
 
 
 def make_resampled_pair(rng: np.random.Generator, path: Path, gain: float = 1.0):
-    """(baseline, follow-up, truth transform, femoral articular shift mm): one real label map's anatomy,
-    made continuous by :func:`resample_smoothly`, at two random poses on the same grid (rotations about the
-    field of view's centre up to +-5 / +-10 deg, translations up to +-3 / +-5 mm). With ``gain`` 1 nothing
-    changes but the pose; otherwise the follow-up's femoral cartilage is thickened by
-    ``(gain - 1) x`` its mean thickness (``articular_shift``)."""
+    """(baseline, follow-up, truth transform, true femoral thickness change %): one real label map's
+    anatomy, made continuous by :func:`resample_smoothly`, at two random poses on the same grid (rotations
+    about the field of view's centre up to +-5 / +-10 deg, translations up to +-3 / +-5 mm). With ``gain`` 1
+    nothing changes but the pose; otherwise the follow-up's femoral articular surface moves out along the
+    bone normals by ``(gain - 1) x`` the plate's mean thickness (``ArticularShift``), and the truth is that
+    thickening along the baseline's own rays over the common region, traced in the continuous anatomy
+    (:func:`region_thickening_percent`)."""
     from bml_pipeline.io import read_labels
     from bml_pipeline.measure import cartilage_thickness
 
@@ -154,14 +157,36 @@ def make_resampled_pair(rng: np.random.Generator, path: Path, gain: float = 1.0)
         motion = Pose.random(rng, rotation, translation).matrix()
         motion[:3, 3] += centre - motion[:3, :3] @ centre
         motions.append(motion)
-    shift = 0.0
-    change = None
-    if gain != 1.0:
-        shift = (gain - 1.0) * cartilage_thickness(original, schema, "femoral_cartilage").stats.mean
-        change = articular_shift(original, schema, "femoral_cartilage", shift)
+    truth = RigidTransform(motions[1] @ np.linalg.inv(motions[0]))
     base = resample_smoothly(original, motions[0])
+    if gain == 1.0:
+        return base, resample_smoothly(original, motions[1]), truth, 0.0
+    shift = (gain - 1.0) * cartilage_thickness(original, schema, "femoral_cartilage").stats.mean
+    change = ArticularShift.build(original, schema, "femoral_cartilage", shift)
     foll = resample_smoothly(original, motions[1], change=change)
-    return base, foll, RigidTransform(motions[1] @ np.linalg.inv(motions[0])), shift
+    return base, foll, truth, region_thickening_percent(original, change, base, foll, truth, motions[0])
+
+
+def region_thickening_percent(original: Volume, change: ArticularShift, baseline: Volume, followup: Volume,
+                              truth: RigidTransform, base_motion: np.ndarray) -> float:
+    """True femoral thickness change (%) over the common region: the baseline's rays there (as the change
+    stage selects them, with the true transform) traced back into the continuous anatomy of ``original``,
+    where :func:`thickening_along` says how much farther each leaves the plate with ``change``; relative
+    to the rays' measured baseline thickness."""
+    from bml_pipeline.longitudinal.change import ChangeConfig, CommonInterface
+    from bml_pipeline.measure import cartilage_thickness
+
+    schema = load_schema("oai_zib")
+    rays = cartilage_thickness(baseline, schema, "femoral_cartilage")
+    region = CommonInterface.build(baseline, followup, schema, "femoral_cartilage", truth, ChangeConfig())
+    select = region.contains(rays.points_mm)
+    back = np.linalg.inv(base_motion)
+    grown = thickening_along(original, change, rays.points_mm[select] @ back[:3, :3].T + back[:3, 3],
+                             rays.normals[select] @ back[:3, :3].T,
+                             max_mm=float(rays.thickness_mm[select].max(initial=0.0)) + 2.0)
+    traced = np.isfinite(grown)
+    weights = rays.areas_mm2[select][traced]
+    return float(100.0 * np.sum(weights * grown[traced]) / np.sum(weights * rays.thickness_mm[select][traced]))
 
 
 def tilt(result: dict) -> str:
@@ -194,18 +219,13 @@ def condyle_axis_tilt_deg(phantom) -> float:
 
 
 def evaluate(baseline: Volume, followup: Volume, truth: RigidTransform, bml_truth: float = BML_CHANGE_CM3,
-             thickness_truth: float = 100.0 * (THICKNESS_GAIN - 1.0), force: bool = False,
-             thickness_shift_mm: float | None = None) -> dict[str, float]:
-    """The change between the visits against the truth. ``thickness_shift_mm``: the femoral cartilage
-    thickened by this many mm everywhere; the truth is then ``100 shift / T`` % (``T`` the common region's
-    baseline mean) instead of ``thickness_truth``."""
+             thickness_truth: float = 100.0 * (THICKNESS_GAIN - 1.0), force: bool = False) -> dict[str, float]:
+    """The change between the visits against the truth."""
     schema = load_schema("oai_zib")
     change = compare_visits(baseline, followup, schema, force=force)
     d = change.to_dict()
     femur_bml = d["bml"]["femur"]
     fc = d["cartilage"]["femoral_cartilage"]
-    if thickness_shift_mm is not None and fc["thickness_mean_baseline_mm"]:
-        thickness_truth = 100.0 * thickness_shift_mm / fc["thickness_mean_baseline_mm"]
     rot = {bone: rotation_difference_deg(a.transform, truth) for bone, a in change.alignment.items()}
     trans = {bone: float(np.linalg.norm(a.transform.apply(a.centre_mm) - truth.apply(a.centre_mm)))
              for bone, a in change.alignment.items()}
@@ -276,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{grid}; truth: no change (BML 0 cm3, thickness 0 %)")
     elif args.route == "resampled":
         print(f"{grid}; truth: BML 0 cm3, femoral cartilage thickened by {100 * (args.gain - 1):.1f} % of its "
-              "mean thickness (truth per region in the JSON)")
+              "mean thickness (the region's traced truth per pair in the JSON)")
     else:
         print(f"{grid}; truth: BML {BML_CHANGE_CM3:+.2f} cm3, thickness {100 * (args.gain - 1):+.1f} % (phantom "
               "routes), tibial thickness 0 %")
@@ -303,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             r["condyle_axis_tilt_deg"] = [condyle_axis_tilt_deg(v) for v in (base, foll)]
             print(f"     Dice baseline {dice_b}, follow-up {dice_f}", flush=True)
         elif args.route == "resampled":
-            baseline, followup, truth, shift = make_resampled_pair(rng, paths[i], args.gain)
-            r = evaluate(baseline, followup, truth, bml_truth=0.0, thickness_truth=0.0, thickness_shift_mm=shift)
+            baseline, followup, truth, thickness_truth = make_resampled_pair(rng, paths[i], args.gain)
+            r = evaluate(baseline, followup, truth, bml_truth=0.0, thickness_truth=thickness_truth)
             r["source"] = paths[i].name
         elif args.route == "real":
             baseline, followup, truth, bml_truth, thickness_truth = make_real_pair(rng, paths[i])

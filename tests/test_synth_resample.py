@@ -8,7 +8,7 @@ import pytest
 from bml_pipeline.labels import load_schema
 from bml_pipeline.measure import cartilage_thickness
 from bml_pipeline.synth.plates import flat_plate, rotation_matrix
-from bml_pipeline.synth.resample import articular_shift, resample_smoothly
+from bml_pipeline.synth.resample import ArticularShift, resample_smoothly
 from bml_pipeline.volume import Volume
 
 SCHEMA = load_schema("oai_zib")
@@ -60,9 +60,23 @@ def test_articular_shift_thickens_by_the_shift_and_leaves_the_bone(plate):
     motion = _motion(plate, (4, -7, 5))
     centre = motion[:3, :3] @ plate.world_coords((np.asarray(plate.shape) - 1) / 2.0) + motion[:3, 3]
     plain = resample_smoothly(plate, motion)
-    thick = resample_smoothly(plate, motion, change=articular_shift(plate, SCHEMA, PLATE, 0.3))
+    thick = resample_smoothly(plate, motion, change=ArticularShift.build(plate, SCHEMA, PLATE, 0.3))
     before, after = (cartilage_thickness(v, SCHEMA, PLATE) for v in (plain, thick))
     grown = after.mean_in(_interior(after, centre)) - before.mean_in(_interior(before, centre))
     assert grown == pytest.approx(0.3, abs=0.02)
     lost_bone = np.argwhere((plain.array == 1) & (thick.array != 1))
     assert np.linalg.norm(plain.world_coords(lost_bone) - centre, axis=1).min(initial=np.inf) > 10.0
+
+
+def test_thickening_along_the_plate_normal_is_the_shift(plate):
+    """Along rays normal to the flat plate (from its bone surface), the continuous anatomy's plate ends
+    0.3 mm farther out with the shift (to the 0.01 mm step), and the original plate is 2 mm thick there."""
+    from bml_pipeline.synth.resample import thickening_along
+
+    change = ArticularShift.build(plate, SCHEMA, PLATE, 0.3)
+    result = cartilage_thickness(plate, SCHEMA, PLATE)
+    centre = plate.world_coords((np.asarray(plate.shape) - 1) / 2.0)
+    rays = _interior(result, centre)
+    grown = thickening_along(plate, change, result.points_mm[rays], result.normals[rays])
+    assert np.nanmean(grown) == pytest.approx(0.3, abs=0.01)
+    assert np.mean(np.isfinite(grown)) > 0.99
