@@ -28,7 +28,8 @@ thins by more (it reads +2.8 to +3.2 %, BENCHMARKS.md); this route checks BML an
 made a continuous anatomy (every label's indicator smoothed by 0.35 mm) and rasterized again at two random
 poses on its own grid (:mod:`bml_pipeline.synth.resample`); nothing else changes, so the truth is 0 for
 the BML and every thickness change. Unlike ``--route real`` (which moves the grid with the anatomy), the
-voxel grid cuts the anatomy differently at the two visits, as in the phantom route. With ``--gain`` other than 1 the
+voxel grid cuts the anatomy differently at the two visits, as in the phantom route; ``--spacing`` rasterizes
+both visits on a grid of that voxel size over the map's field of view. With ``--gain`` other than 1 the
 follow-up's femoral articular surface is also moved out along the bone normals by a constant
 ``delta = (gain - 1) x`` the plate's mean thickness (``ArticularShift``), so the femoral cartilage
 thickens by about ``delta`` mm wherever it covers the bone. The truth is traced, not assumed: the
@@ -73,7 +74,7 @@ from bml_pipeline.labels import load_schema
 from bml_pipeline.longitudinal.change import compare_visits
 from bml_pipeline.longitudinal.transform import RigidTransform, rotation_difference_deg
 from bml_pipeline.synth.phantom import DEFAULT_LESIONS, KneeSpec, Pose, make_phantom
-from bml_pipeline.synth.resample import ArticularShift, resample_smoothly, thickening_along
+from bml_pipeline.synth.resample import ArticularShift, grid_with_spacing, resample_smoothly, thickening_along
 from bml_pipeline.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,14 +139,16 @@ def make_real_pair(rng: np.random.Generator, path: Path):
     return baseline, original, RigidTransform(np.linalg.inv(motion)), bml_delta, thickness_pct
 
 
-def make_resampled_pair(rng: np.random.Generator, path: Path, gain: float = 1.0):
+def make_resampled_pair(rng: np.random.Generator, path: Path, gain: float = 1.0,
+                        spacing: tuple[float, float, float] | None = None):
     """(baseline, follow-up, truth transform, true femoral thickness change %): one real label map's
     anatomy, made continuous by :func:`resample_smoothly`, at two random poses on the same grid (rotations
     about the field of view's centre up to +-5 / +-10 deg, translations up to +-3 / +-5 mm). With ``gain`` 1
     nothing changes but the pose; otherwise the follow-up's femoral articular surface moves out along the
     bone normals by ``(gain - 1) x`` the plate's mean thickness (``ArticularShift``), and the truth is that
     thickening along the baseline's own rays over the common region, traced in the continuous anatomy
-    (:func:`region_thickening_percent`)."""
+    (:func:`region_thickening_percent`). ``spacing``: both visits rasterized on a grid of this voxel size
+    over the map's field of view (default: the map's own grid)."""
     from bml_pipeline.io import read_labels
     from bml_pipeline.measure import cartilage_thickness
 
@@ -158,12 +161,13 @@ def make_resampled_pair(rng: np.random.Generator, path: Path, gain: float = 1.0)
         motion[:3, 3] += centre - motion[:3, :3] @ centre
         motions.append(motion)
     truth = RigidTransform(motions[1] @ np.linalg.inv(motions[0]))
-    base = resample_smoothly(original, motions[0])
+    grid = grid_with_spacing(original, spacing) if spacing is not None else None
+    base = resample_smoothly(original, motions[0], grid=grid)
     if gain == 1.0:
-        return base, resample_smoothly(original, motions[1]), truth, 0.0
+        return base, resample_smoothly(original, motions[1], grid=grid), truth, 0.0
     shift = (gain - 1.0) * cartilage_thickness(original, schema, "femoral_cartilage").stats.mean
     change = ArticularShift.build(original, schema, "femoral_cartilage", shift)
-    foll = resample_smoothly(original, motions[1], change=change)
+    foll = resample_smoothly(original, motions[1], change=change, grid=grid)
     return base, foll, truth, region_thickening_percent(original, change, base, foll, truth, motions[0])
 
 
@@ -290,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{'tib d (%)':>9} {'rot err':>8} {'pat rot':>8} {'trans err':>9} {'resid':>6} {'lesions p/n/r':>13} "
             f"{'tilt b/f':>9} {'time':>6}")
     grid = {"real": "real OAI label maps (0.7 x 0.365 x 0.365 mm)",
-            "resampled": "real OAI label maps re-rasterized at two poses (0.7 x 0.365 x 0.365 mm)"}.get(
+            "resampled": "real OAI label maps re-rasterized at two poses "
+                         f"({' x '.join(f'{v:g}' for v in SPACINGS[args.spacing])} mm)"}.get(
         args.route, f"phantom, spacing {SPACINGS[args.spacing]} mm")
     if args.route == "resampled" and args.gain == 1.0:
         print(f"{grid}; truth: no change (BML 0 cm3, thickness 0 %)")
@@ -323,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             r["condyle_axis_tilt_deg"] = [condyle_axis_tilt_deg(v) for v in (base, foll)]
             print(f"     Dice baseline {dice_b}, follow-up {dice_f}", flush=True)
         elif args.route == "resampled":
-            baseline, followup, truth, thickness_truth = make_resampled_pair(rng, paths[i], args.gain)
+            spacing = None if args.spacing == "oai" else SPACINGS[args.spacing]
+            baseline, followup, truth, thickness_truth = make_resampled_pair(rng, paths[i], args.gain, spacing)
             r = evaluate(baseline, followup, truth, bml_truth=0.0, thickness_truth=thickness_truth)
             r["source"] = paths[i].name
         elif args.route == "real":

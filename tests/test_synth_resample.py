@@ -80,3 +80,23 @@ def test_thickening_along_the_plate_normal_is_the_shift(plate):
     grown = thickening_along(plate, change, result.points_mm[rays], result.normals[rays])
     assert np.nanmean(grown) == pytest.approx(0.3, abs=0.01)
     assert np.mean(np.isfinite(grown)) > 0.99
+
+
+def test_grid_with_spacing_covers_the_same_field_of_view(plate):
+    """Thick 1.5 mm slices over the plate's field of view: the outer faces of the first and last voxels
+    stay where the original's were (to half a new voxel, the rounding of the count), and the plate
+    rasterized there keeps its interior thickness within 0.05 mm."""
+    from bml_pipeline.synth.resample import grid_with_spacing
+
+    shape, affine = grid_with_spacing(plate, (1.5, 0.365, 0.365))
+    new_spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    np.testing.assert_allclose(new_spacing, (1.5, 0.365, 0.365))
+    old_lo = plate.world_coords(np.full(3, -0.5))
+    new_lo = affine[:3, :3] @ np.full(3, -0.5) + affine[:3, 3]
+    np.testing.assert_allclose(new_lo, old_lo, atol=1e-9)
+    old_extent = np.asarray(plate.shape) * np.asarray(plate.spacing)
+    assert np.all(np.abs(np.asarray(shape) * new_spacing - old_extent) <= new_spacing / 2 + 1e-9)
+    thick = resample_smoothly(plate, np.eye(4), grid=(shape, affine))
+    result = cartilage_thickness(thick, SCHEMA, PLATE)
+    centre = plate.world_coords((np.asarray(plate.shape) - 1) / 2.0)
+    assert result.mean_in(_interior(result, centre)) == pytest.approx(2.0, abs=0.05)

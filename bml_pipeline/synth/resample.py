@@ -96,21 +96,24 @@ class ArticularShift:
 
 
 def resample_smoothly(original: Volume, motion: np.ndarray, sigma_mm: float = 0.35,
-                      change: ArticularShift | None = None) -> Volume:
+                      change: ArticularShift | None = None,
+                      grid: tuple[tuple[int, int, int], np.ndarray] | None = None) -> Volume:
     """``original``'s anatomy moved by the rigid ``motion`` (4x4, world mm) and rasterized again on the
-    original grid: every label's indicator is smoothed (Gaussian, ``sigma_mm``) into a continuous anatomy,
-    sampled trilinearly at the moved voxel centres, and each voxel takes the label of the largest value;
-    ``change`` (built with the same ``sigma_mm``) thickens one plate of that anatomy."""
+    original grid, or on ``grid`` (shape, affine) when given: every label's indicator is smoothed
+    (Gaussian, ``sigma_mm``) into a continuous anatomy, sampled trilinearly at the moved voxel centres, and
+    each voxel takes the label of the largest value; ``change`` (built with the same ``sigma_mm``)
+    thickens one plate of that anatomy."""
     from scipy import ndimage
 
     arr = np.asarray(original.array)
-    to_original = np.linalg.inv(original.affine) @ np.linalg.inv(motion) @ original.affine  # index -> index
-    idx = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in arr.shape], indexing="ij"), 0)
+    shape, affine = grid if grid is not None else (arr.shape, original.affine)
+    to_original = np.linalg.inv(original.affine) @ np.linalg.inv(motion) @ affine  # target index -> index
+    idx = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"), 0)
     src = np.tensordot(to_original[:3, :3].astype(np.float32), idx, axes=1)
     src += to_original[:3, 3].astype(np.float32)[:, None, None, None]
     del idx
-    best = np.full(arr.shape, -1.0, dtype=np.float32)
-    out = np.zeros(arr.shape, dtype=arr.dtype)
+    best = np.full(shape, -1.0, dtype=np.float32)
+    out = np.zeros(shape, dtype=arr.dtype)
     sigma = sigma_mm / np.asarray(original.spacing)
     for label in np.unique(arr):
         field = ndimage.gaussian_filter((arr == label).astype(np.float32), sigma)
@@ -119,7 +122,21 @@ def resample_smoothly(original: Volume, motion: np.ndarray, sigma_mm: float = 0.
             value += change.addend(src.reshape(3, -1)).reshape(value.shape)
         better = value > best
         best[better], out[better] = value[better], label
-    return original.with_array(out)
+    return Volume(out, np.asarray(affine, dtype=np.float64).copy(), original.meta)
+
+
+def grid_with_spacing(original: Volume, spacing: tuple[float, float, float]) -> tuple[tuple[int, int, int], np.ndarray]:
+    """(shape, affine) covering ``original``'s field of view with voxels of ``spacing`` (mm, its array axes,
+    same directions)."""
+    old = np.asarray(original.spacing)
+    new = np.asarray(spacing, dtype=np.float64)
+    extent = np.asarray(original.shape) * old
+    shape = tuple(int(n) for n in np.maximum(1, np.round(extent / new)))
+    affine = original.affine.copy()
+    affine[:3, :3] = original.direction * new
+    # The first voxel's outer face stays where the original's was.
+    affine[:3, 3] = original.world_coords(np.zeros(3)) + original.direction @ ((new - old) / 2.0)
+    return shape, affine
 
 
 def thickening_along(original: Volume, change: ArticularShift, points_mm: np.ndarray, directions: np.ndarray, *,
