@@ -28,7 +28,9 @@ class ArticularShift:
     ``2 (U(x - shift n(x)) - U(x))``, all fields read by the same trilinear interpolation. The smoothed
     indicators of all labels sum to 1, so at the articular surface (where the bone's field is nil) the
     plate wins exactly where ``U(x - shift n(x)) > 0.5``: the continuous surface moved by ``shift`` along
-    ``n``, so a ray along the bone normal crosses it ``shift`` farther out. Inside the bone + plate ``U`` is 1 on both sides of
+    ``n``, so a ray along the bone normal crosses it ``shift`` farther out. Where the plate is thinner
+    than about 1 mm the bone's field is not nil there, and the surface moves a little farther (use
+    :func:`thickening_along` for the exact amount). Inside the bone + plate ``U`` is 1 on both sides of
     the bone-cartilage interface, so that interface does not move. The addend is kept within
     ``shift + 3 sigma`` of the plate, so bare bone away from it gets none; next to the plate's rim a
     bare-bone band that narrow can become cartilage (the rim grows, its interior does not).
@@ -125,7 +127,8 @@ def resample_smoothly(original: Volume, motion: np.ndarray, sigma_mm: float = 0.
     return Volume(out, np.asarray(affine, dtype=np.float64).copy(), original.meta)
 
 
-def grid_with_spacing(original: Volume, spacing: tuple[float, float, float]) -> tuple[tuple[int, int, int], np.ndarray]:
+def grid_with_spacing(original: Volume,
+                      spacing: tuple[float, float, float]) -> tuple[tuple[int, int, int], np.ndarray]:
     """(shape, affine) covering ``original``'s field of view with voxels of ``spacing`` (mm, its array axes,
     same directions)."""
     old = np.asarray(original.spacing)
@@ -139,8 +142,8 @@ def grid_with_spacing(original: Volume, spacing: tuple[float, float, float]) -> 
     return shape, affine
 
 
-def thickening_along(original: Volume, change: ArticularShift, points_mm: np.ndarray, directions: np.ndarray, *,
-                     sigma_mm: float = 0.35, step_mm: float = 0.01, max_mm: float = 8.0,
+def thickening_along(original: Volume, change: ArticularShift, points_mm: np.ndarray,
+                     directions: np.ndarray, *, sigma_mm: float = 0.35, step_mm: float = 0.01, max_mm: float = 8.0,
                      chunk: int = 1000) -> np.ndarray:
     """How much farther (mm) each ray leaves ``change``'s plate in the continuous anatomy with the change
     than without: the exact thickening along rays from ``points_mm`` (N, 3, world mm of ``original``, on
