@@ -143,8 +143,8 @@ def grid_with_spacing(original: Volume,
 
 
 def thickening_along(original: Volume, change: ArticularShift, points_mm: np.ndarray,
-                     directions: np.ndarray, *, sigma_mm: float = 0.35, step_mm: float = 0.01, max_mm: float = 8.0,
-                     chunk: int = 1000) -> np.ndarray:
+                     directions: np.ndarray, *, sigma_mm: float = 0.35, step_mm: float = 0.01,
+                     max_mm: float = 8.0, chunk: int = 1000) -> np.ndarray:
     """How much farther (mm) each ray leaves ``change``'s plate in the continuous anatomy with the change
     than without: the exact thickening along rays from ``points_mm`` (N, 3, world mm of ``original``, on
     the bone surface) in unit ``directions`` (N, 3). NaN where a ray never meets the plate."""
