@@ -25,12 +25,12 @@ alignment plays no part. Printed:
    it is in the binary label maps (the same in-plane rasterization repeats in every slice, so nothing
    averages along the axis), not in how the surfaces are smoothed.
 
-6. which poses of the knee phantom carry such errors: one visit, its condyle axis tilted by 0-2 deg out of
-   a plane of the voxel grid, at three sub-voxel positions; the femoral mean over the plate interior
-   against the analytic truth at the same points. Within a few tenths of a degree of the plane every
+6. which poses of the knee phantom carry such errors: one visit, its condyle axis tilted by 0-4 deg out of
+   a plane of the voxel grid, the grid moved by five fractions of a voxel; the femoral mean over the plate
+   interior against the analytic truth at the same points. Within about a degree of the plane every
    straight line of the cylindrical condyles runs at one height over it, the staircase repeats all along
-   the condyle, and the error depends on where the surface falls within a voxel (a spread of several
-   tenths of a percent); from about 1 deg on, the steps shift along the condyle and average out.
+   the condyle, and the error depends on where the surface falls within a voxel (SD about 0.1 % over the
+   grid positions); from about 2 deg on, the steps shift along the condyle and average out.
 
 Usage: ``python scripts/diagnose_pose_dependence.py [--seed 7] [--pair 2]`` (about 2 minutes).
 """

@@ -38,6 +38,7 @@ class ArticularShift:
     Attributes:
         label: the plate's label.
         shift_mm: outward displacement of its articular surface (mm).
+        sigma_mm: smoothing of the continuous anatomy it was built for (:func:`resample_smoothly`).
         box: index box of the label grid holding the plate (and the fields below).
         union: smoothed indicator of bone + plate on the box.
         outward_idx: (3, ...) outward unit normal of the bone, in index units per mm.
@@ -46,6 +47,7 @@ class ArticularShift:
 
     label: int
     shift_mm: float
+    sigma_mm: float
     box: tuple[slice, slice, slice]
     union: np.ndarray
     outward_idx: np.ndarray
@@ -73,7 +75,7 @@ class ArticularShift:
         grad_world = np.einsum("a...,ab->b...", np.stack(np.gradient(wide)), inv_linear)  # per mm, world axes
         outward = -grad_world / np.maximum(np.linalg.norm(grad_world, axis=0), 1e-9)
         outward_idx = np.einsum("ab,b...->a...", inv_linear, outward).astype(np.float32)
-        return cls(structure.id, shift_mm, box, ndimage.gaussian_filter(union, sigma_mm / spacing),
+        return cls(structure.id, shift_mm, sigma_mm, box, ndimage.gaussian_filter(union, sigma_mm / spacing),
                    outward_idx, to_plate <= shift_mm + 3.0 * sigma_mm)
 
     def addend(self, idx: np.ndarray) -> np.ndarray:
@@ -107,6 +109,8 @@ def resample_smoothly(original: Volume, motion: np.ndarray, sigma_mm: float = 0.
     thickens one plate of that anatomy."""
     from scipy import ndimage
 
+    if change is not None and change.sigma_mm != sigma_mm:
+        raise ValueError(f"the change was built for {change.sigma_mm} mm smoothing, not {sigma_mm} mm")
     arr = np.asarray(original.array)
     shape, affine = grid if grid is not None else (arr.shape, original.affine)
     to_original = np.linalg.inv(original.affine) @ np.linalg.inv(motion) @ affine  # target index -> index
@@ -143,16 +147,16 @@ def grid_with_spacing(original: Volume,
 
 
 def thickening_along(original: Volume, change: ArticularShift, points_mm: np.ndarray,
-                     directions: np.ndarray, *, sigma_mm: float = 0.35, step_mm: float = 0.01,
-                     max_mm: float = 8.0, chunk: int = 1000) -> np.ndarray:
-    """How much farther (mm) each ray leaves ``change``'s plate in the continuous anatomy with the change
-    than without: the exact thickening along rays from ``points_mm`` (N, 3, world mm of ``original``, on
+                     directions: np.ndarray, *, step_mm: float = 0.01, max_mm: float = 8.0,
+                     chunk: int = 1000) -> np.ndarray:
+    """How much farther (mm) each ray leaves ``change``'s plate in the continuous anatomy (smoothed as
+    ``change`` was built for) with the change than without: the exact thickening along rays from ``points_mm`` (N, 3, world mm of ``original``, on
     the bone surface) in unit ``directions`` (N, 3). NaN where a ray never meets the plate."""
     from scipy import ndimage
 
     arr = np.asarray(original.array)[change.box]
     labels = np.unique(arr)
-    sigma = sigma_mm / np.asarray(original.spacing)
+    sigma = change.sigma_mm / np.asarray(original.spacing)
     fields = np.stack([ndimage.gaussian_filter((arr == label).astype(np.float32), sigma) for label in labels])
     plate = int(np.flatnonzero(labels == change.label)[0])
     inv = np.linalg.inv(original.affine)
