@@ -367,8 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     errors = np.array([r["thickness_error_pp"] for r in results if r["thickness_error_pp"] is not None])
     if errors.size:
         within = int(np.sum(np.abs(errors) <= TARGETS["thickness_pp"]))
+        sd = errors.std(ddof=1) if errors.size > 1 else 0.0
         print(f"thickness change error: RMS {np.sqrt(np.mean(errors ** 2)):.3f} pp, mean {errors.mean():+.3f} pp, "
-              f"{within} of {len(results)} pairs within +-{TARGETS['thickness_pp']} pp")
+              f"SD {sd:.3f} pp, 95 % limits of agreement {errors.mean() - 1.96 * sd:+.3f} to "
+              f"{errors.mean() + 1.96 * sd:+.3f} pp; {within} of {len(results)} pairs within "
+              f"+-{TARGETS['thickness_pp']} pp")
         tilted = [(min(r["condyle_axis_tilt_deg"]) < TILT_SPLIT_DEG, r["thickness_error_pp"]) for r in results
                   if "condyle_axis_tilt_deg" in r and r["thickness_error_pp"] is not None]
         for near, name in ((True, "a visit's condyle axis within"), (False, "both condyle axes farther than")):
