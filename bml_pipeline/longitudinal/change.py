@@ -19,9 +19,9 @@
    their staircase errors average out over many independent steps, except where a surface runs at one
    height over a grid plane for a long stretch. On the analytic phantom, whose condyles are cylinders, a
    visit whose condyle axis lies within about a degree of a grid plane reads its femoral mean with an
-   SD of 0.10-0.13 % over grid positions, against 0.03-0.06 % at 2-4 deg; 57 of 59 phantom pairs
+   SD of 0.10-0.13 % over grid positions, against 0.03-0.06 % at 2-4 deg; 96 of 99 phantom pairs
    recover a +2.4 % change within 0.3 percentage points. Real anatomy (doubly curved) re-rasterized at
-   two poses with a known thickening: 12 of 12 (RMS 0.08 points; BENCHMARKS.md). The region mean is not
+   two poses with a known thickening: 31 of 31 (RMS 0.08-0.10 points; BENCHMARKS.md). The region mean is not
    re-weighted against it: a staircase's errors cancel only over whole steps, so down-weighting the
    surface that lies near a grid plane is a biased selection (an unchanged cylinder then read -0.9 to
    -1.1 %; ``scripts/diagnose_pose_dependence.py``, sections 4-6).
