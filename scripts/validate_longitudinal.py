@@ -57,6 +57,7 @@ Usage::
 
     .venv/bin/python scripts/validate_longitudinal.py [--pairs 3] [--seed 7] [--spacing oai|dess|sagittal_thick] [--json OUT]
         [--route phantom|real|resampled|images] [--gain 1.024]
+    .venv/bin/python scripts/validate_longitudinal.py --pool RUN1.json RUN2.json ...   # pairs of several runs together
 """
 
 from __future__ import annotations
@@ -267,6 +268,41 @@ def segmented(predictor, labels: Volume, seed: int, refine: bool) -> tuple[Volum
     return predicted, {"femur": dice[1], "tibia": dice[3], "femoral_bml": dice[7]}
 
 
+def summarize(results: list[dict], rule_width: int = 80) -> tuple[bool, dict[str, float]]:
+    """Print the error summary of ``results`` (the per-pair dicts of :func:`evaluate`) against the targets;
+    return (all targets met, worst absolute error per target)."""
+    # A change that could not be measured (None: e.g. no lesion predicted at either visit) counts as failed.
+    worst = {
+        "bml_cm3": max(abs(r["bml_error_cm3"]) if r["bml_error_cm3"] is not None else np.inf for r in results),
+        "thickness_pp": max(abs(r["thickness_error_pp"]) if r["thickness_error_pp"] is not None else np.inf
+                            for r in results),
+        "rotation_deg": max(r["rotation_error_deg"] for r in results),
+        "translation_mm": max(r["translation_error_mm"] for r in results),
+    }
+    print("-" * rule_width)
+    errors = np.array([r["thickness_error_pp"] for r in results if r["thickness_error_pp"] is not None])
+    if errors.size:
+        within = int(np.sum(np.abs(errors) <= TARGETS["thickness_pp"]))
+        sd = errors.std(ddof=1) if errors.size > 1 else 0.0
+        print(f"thickness change error: RMS {np.sqrt(np.mean(errors ** 2)):.3f} pp, mean {errors.mean():+.3f} pp, "
+              f"SD {sd:.3f} pp, 95 % limits of agreement {errors.mean() - 1.96 * sd:+.3f} to "
+              f"{errors.mean() + 1.96 * sd:+.3f} pp; {within} of {len(results)} pairs within "
+              f"+-{TARGETS['thickness_pp']} pp")
+        tilted = [(min(r["condyle_axis_tilt_deg"]) < TILT_SPLIT_DEG, r["thickness_error_pp"]) for r in results
+                  if "condyle_axis_tilt_deg" in r and r["thickness_error_pp"] is not None]
+        for near, name in ((True, "a visit's condyle axis within"), (False, "both condyle axes farther than")):
+            part = np.array([e for t, e in tilted if t == near])
+            if part.size:
+                print(f"  pairs with {name} {TILT_SPLIT_DEG} deg of a grid plane: "
+                      f"{part.size}, RMS {np.sqrt(np.mean(part ** 2)):.3f} pp, worst {np.abs(part).max():.3f}")
+    ok = True
+    for key, limit in TARGETS.items():
+        passed = worst[key] <= limit
+        ok &= passed
+        print(f"worst |error| {key:<15} {worst[key]:.4f}  (target {limit})  {'PASS' if passed else 'FAIL'}")
+    return ok, worst
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="accuracy of the longitudinal stage on synthetic pairs")
     parser.add_argument("--pairs", type=int, default=3)
@@ -283,7 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refine", action="store_true", help="classical BML refinement (route images)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "oai_labels"))
     parser.add_argument("--json", help="write the per-pair results here")
+    parser.add_argument("--pool", nargs="+", metavar="JSON",
+                        help="no new pairs: summarize the pairs of these --json outputs together")
     args = parser.parse_args(argv)
+    if args.pool:
+        runs = [json.loads(Path(path).read_text(encoding="utf-8")) for path in args.pool]
+        print("pooled: " + ", ".join(f"{path} (spacing {run['spacing']}, seed {run['seed']}, "
+                                     f"{len(run['pairs'])} pairs)" for path, run in zip(args.pool, runs)))
+        return 0 if summarize([pair for run in runs for pair in run["pairs"]])[0] else 1
     if args.gain is None:
         args.gain = 1.0 if args.route == "resampled" else THICKNESS_GAIN
     rng = np.random.default_rng(args.seed)
@@ -355,35 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print("no pair could be evaluated")
         return 1
-    # A change that could not be measured (None: e.g. no lesion predicted at either visit) counts as failed.
-    worst = {
-        "bml_cm3": max(abs(r["bml_error_cm3"]) if r["bml_error_cm3"] is not None else np.inf for r in results),
-        "thickness_pp": max(abs(r["thickness_error_pp"]) if r["thickness_error_pp"] is not None else np.inf
-                            for r in results),
-        "rotation_deg": max(r["rotation_error_deg"] for r in results),
-        "translation_mm": max(r["translation_error_mm"] for r in results),
-    }
-    print("-" * len(head))
-    errors = np.array([r["thickness_error_pp"] for r in results if r["thickness_error_pp"] is not None])
-    if errors.size:
-        within = int(np.sum(np.abs(errors) <= TARGETS["thickness_pp"]))
-        sd = errors.std(ddof=1) if errors.size > 1 else 0.0
-        print(f"thickness change error: RMS {np.sqrt(np.mean(errors ** 2)):.3f} pp, mean {errors.mean():+.3f} pp, "
-              f"SD {sd:.3f} pp, 95 % limits of agreement {errors.mean() - 1.96 * sd:+.3f} to "
-              f"{errors.mean() + 1.96 * sd:+.3f} pp; {within} of {len(results)} pairs within "
-              f"+-{TARGETS['thickness_pp']} pp")
-        tilted = [(min(r["condyle_axis_tilt_deg"]) < TILT_SPLIT_DEG, r["thickness_error_pp"]) for r in results
-                  if "condyle_axis_tilt_deg" in r and r["thickness_error_pp"] is not None]
-        for near, name in ((True, "a visit's condyle axis within"), (False, "both condyle axes farther than")):
-            part = np.array([e for t, e in tilted if t == near])
-            if part.size:
-                print(f"  pairs with {name} {TILT_SPLIT_DEG} deg of a grid plane: "
-                      f"{part.size}, RMS {np.sqrt(np.mean(part ** 2)):.3f} pp, worst {np.abs(part).max():.3f}")
-    ok = True
-    for key, limit in TARGETS.items():
-        passed = worst[key] <= limit
-        ok &= passed
-        print(f"worst |error| {key:<15} {worst[key]:.4f}  (target {limit})  {'PASS' if passed else 'FAIL'}")
+    ok, worst = summarize(results, rule_width=len(head))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"spacing": args.spacing, "seed": args.seed, "pairs": results, "worst": worst}, f, indent=2)
