@@ -82,7 +82,8 @@ from bml_pipeline.volume import Volume
 REPO = Path(__file__).resolve().parents[1]
 # oai: sagittal 0.7 mm slices; dess: 1.5 mm slices across the S-I axis (axial: the articular surfaces of the
 # distal femur and the plateau lie nearly in the slices); sagittal_thick: clinical sagittal 1.5 mm slices.
-SPACINGS = {"oai": (0.7, 0.3646, 0.3646), "dess": (0.3125, 0.3125, 1.5), "sagittal_thick": (1.5, 0.3125, 0.3125)}
+SPACINGS = {"oai": (0.7, 0.3646, 0.3646), "dess": (0.3125, 0.3125, 1.5), "sagittal_thick": (1.5, 0.3125, 0.3125),
+            "sagittal_3mm": (3.0, 0.3125, 0.3125)}
 BASE_FEMORAL_BML_CM3 = 3.0
 BML_CHANGE_CM3 = -2.1
 THICKNESS_GAIN = 1.024

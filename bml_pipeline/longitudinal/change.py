@@ -10,8 +10,9 @@
    lesions are matched across visits through the bone's alignment (:mod:`.lesions`).
 4. Cartilage thickness over the *same* subchondral region at both visits (:class:`CommonInterface`):
    each visit's interface points are mapped into the baseline's world and kept when they lie within
-   ``interface_dilation_mm`` of a baseline interface voxel that is farther than ``rim_exclusion_mm``
-   from the plate's edge, and inside both fields of view. One continuous rule for both visits, so a
+   ``interface_dilation_mm`` (at least half a voxel diagonal + 0.5 mm) of a baseline interface voxel,
+   farther than ``rim_exclusion_mm`` from the plate's edge (the baseline's distance map, interpolated),
+   and inside both fields of view. One continuous rule for both visits, so a
    different field of view, pose or partly segmented plate does not bias the change. Subregions are
    assigned with the baseline's subregion model at both visits.
 
@@ -50,6 +51,7 @@ from bml_pipeline.volume import Volume, bounding_box
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1"
+ALIGNMENT_MARGIN_MM = 0.5  # allowance for the alignment error in the common region's reach
 
 
 class KneeMismatchError(InputError):
@@ -64,9 +66,12 @@ class ChangeConfig:
         align: per-bone registration parameters (incl. the same-knee residual limit).
         max_rotation_deg: a bone turned further than this between scans (in patient coordinates) means the
             scans are not of the same knee (a mirrored knee fits best upside down or back to front).
-        interface_dilation_mm: an interface point (either visit, mapped into the baseline's world) belongs
-            to the common region when it lies within this distance of a baseline interface voxel of the
-            core (covers the half-voxel between the surface and the voxel centres, and the alignment error).
+        interface_dilation_mm: an interface point (either visit, mapped into the baseline's world) can
+            belong to the common region when it lies within this distance of a baseline interface voxel,
+            and at least within half the baseline's voxel diagonal plus ``ALIGNMENT_MARGIN_MM`` (the surface
+            lies up to half a voxel from the voxel centres, and the alignment adds its error). At 3 mm
+            slices a fixed 1 mm left the bands between the slices out (their points 1.0-1.5 mm from a
+            voxel centre).
         view_margin_mm: interface points nearer than this to either field-of-view face are left out (the
             thickness rays and normals need about 5 mm of context).
         max_centroid_mm: lesions whose centroids are this close after alignment are the same lesion.
@@ -311,10 +316,19 @@ def _plate_change(baseline: Volume, followup: Volume, schema: LabelSchema, plate
 @dataclass(frozen=True, eq=False)
 class CommonInterface:
     """The part of a plate's bone-cartilage interface measured at both visits, as a rule on baseline
-    world points (RAS mm): within ``interface_dilation_mm`` of a baseline interface voxel farther than
-    ``rim_exclusion_mm`` from the plate's edge, and inside both fields of view (``view_margin_mm``)."""
+    world points (RAS mm): within ``reach_mm`` of a baseline interface voxel, farther than
+    ``rim_exclusion_mm`` from the plate's edge, and inside both fields of view (``view_margin_mm``).
 
-    core: Any  # scipy cKDTree of the RAS mm of baseline interface voxels outside the rim; None if none
+    The distance to the edge is the baseline's voxel distance map (to the nearest bone-surface voxel the
+    cartilage does not cover) interpolated trilinearly, so the region's edge moves continuously with
+    the anatomy and does not jump by whole slices: with thick slices, a rule on voxel centres took or
+    left whole bands between the slices, differently for the two visits (3 mm slices: -1.3 to +2.2 pp).
+    """
+
+    interface: Any  # scipy cKDTree of the RAS mm of the baseline's interface voxels; None if none
+    reach_mm: float  # how far from an interface voxel centre a point may lie
+    rim_distance: np.ndarray | None  # mm to the plate's uncovered edge on the index box ``box``; None: no rim rule
+    box: tuple[slice, ...]
     baseline: Volume
     followup: Volume
     transform: RigidTransform
@@ -324,13 +338,14 @@ class CommonInterface:
     def build(cls, baseline: Volume, followup: Volume, schema: LabelSchema, plate: str,
               transform: RigidTransform, config: ChangeConfig) -> CommonInterface:
         from scipy import ndimage
-
-        structure = schema.by_name(plate)
         from scipy.spatial import cKDTree
 
-        empty = cls(None, baseline, followup, transform, config)
+        structure = schema.by_name(plate)
+        reach = max(config.interface_dilation_mm,
+                    0.5 * float(np.linalg.norm(baseline.spacing)) + ALIGNMENT_MARGIN_MM)
         cart_full = baseline.array == structure.id
         box = bounding_box(cart_full, margin=int(np.ceil(config.rim_exclusion_mm / min(baseline.spacing))) + 2)
+        empty = cls(None, reach, None, (slice(0, 0),) * 3, baseline, followup, transform, config)
         if box is None or structure.bone is None:
             return empty
         sub = baseline.array[box]
@@ -339,27 +354,33 @@ class CommonInterface:
         touching = (bone & ndimage.binary_dilation(cart, six)) | (cart & ndimage.binary_dilation(bone, six))
         if not touching.any():
             return empty
+        rim_distance = None
         if config.rim_exclusion_mm > 0:
             uncovered = bone & ndimage.binary_dilation(~bone, six) & ~ndimage.binary_dilation(cart, six)
             if uncovered.any():
-                core = touching & (ndimage.distance_transform_edt(~uncovered, sampling=baseline.spacing)
-                                   > config.rim_exclusion_mm)
-                if core.any():
-                    touching = core
-                else:
+                rim_distance = ndimage.distance_transform_edt(~uncovered, sampling=baseline.spacing).astype(np.float32)
+                if not np.any(rim_distance[touching] > config.rim_exclusion_mm):
                     log.warning("%s: plate narrower than twice the %.1f mm rim; rim kept", plate,
                                 config.rim_exclusion_mm)
-        core_mm = baseline.world_coords(np.argwhere(touching) + [s.start for s in box])
-        return cls(cKDTree(core_mm), baseline, followup, transform, config)
+                    rim_distance = None
+        interface_mm = baseline.world_coords(np.argwhere(touching) + [s.start for s in box])
+        return cls(cKDTree(interface_mm), reach, rim_distance, box, baseline, followup, transform, config)
 
     def contains(self, points: np.ndarray) -> np.ndarray:
         """Which baseline-world points (N, 3) belong to the common interface."""
+        from scipy import ndimage
+
         points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-        if self.core is None or len(points) == 0:
+        if self.interface is None or len(points) == 0:
             return np.zeros(len(points), dtype=bool)
-        near, _ = self.core.query(points, distance_upper_bound=self.config.interface_dilation_mm)
+        near, _ = self.interface.query(points, distance_upper_bound=self.reach_mm)
+        inside = np.isfinite(near)
+        if self.rim_distance is not None:
+            ijk = self.baseline.voxel_coords(points) - [s.start for s in self.box]
+            rim = ndimage.map_coordinates(self.rim_distance, ijk.T, order=1, mode="nearest")
+            inside &= rim > self.config.rim_exclusion_mm
         margin = self.config.view_margin_mm
-        return (np.isfinite(near) & in_view(self.baseline, points, margin)
+        return (inside & in_view(self.baseline, points, margin)
                 & in_view(self.followup, self.transform.apply(points), margin))
 
 
