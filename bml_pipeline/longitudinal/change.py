@@ -20,7 +20,7 @@
    their staircase errors average out over many independent steps, except where a surface runs at one
    height over a grid plane for a long stretch. On the analytic phantom, whose condyles are cylinders, a
    visit whose condyle axis lies within about a degree of a grid plane reads its femoral mean with an
-   SD of 0.10-0.13 % over grid positions, against 0.03-0.06 % at 2-4 deg; 96 of 99 phantom pairs
+   SD of 0.10-0.13 % over grid positions, against 0.03-0.06 % at 2-4 deg; 95 of 99 phantom pairs
    recover a +2.4 % change within 0.3 percentage points. Real anatomy (doubly curved) re-rasterized at
    two poses with a known thickening: 31 of 31 (RMS 0.08-0.10 points; BENCHMARKS.md). The region mean is not
    re-weighted against it: a staircase's errors cancel only over whole steps, so down-weighting the
@@ -81,7 +81,10 @@ class ChangeConfig:
             pose on the voxel grid, so a rim counted at both visits adds a pose-dependent bias to the
             mean (several percent on tapered phantom plates); the core's change is not biased by it.
             5 mm: a little more than the taper of real plates and of the phantom (4 mm); on the phantom
-            pairs the thickness-change error falls from up to 0.83 pp (3 mm) to 0.40 pp.
+            pairs the thickness-change error fell from up to 0.83 pp (3 mm) to 0.40 pp. (Until the edge
+            distance was interpolated, the region reached 1 mm beyond the 5 mm core, so about 4 mm from
+            the edge; the 1 mm narrower region leaves the femoral change as it was and makes the small
+            tibial plate's about 20 % noisier: BENCHMARKS.md.)
         decimals: rounding of every reported number (byte-identical reruns).
     """
 
