@@ -75,6 +75,7 @@ from bml_pipeline.errors import InputError
 from bml_pipeline.labels import load_schema
 from bml_pipeline.longitudinal.change import compare_visits
 from bml_pipeline.longitudinal.transform import RigidTransform, rotation_difference_deg
+from bml_pipeline.synth.change import cut_field_of_view as cut
 from bml_pipeline.synth.phantom import DEFAULT_LESIONS, KneeSpec, Pose, make_phantom
 from bml_pipeline.synth.resample import ArticularShift, grid_with_spacing, resample_smoothly, thickening_along
 from bml_pipeline.volume import Volume
@@ -92,20 +93,6 @@ THICKNESS_GAIN = 1.024
 CHECKED_BONES = ("femur", "tibia")
 TILT_SPLIT_DEG = 0.5  # the summary's split of the phantom pairs by condyle axis tilt
 TARGETS = {"bml_cm3": 0.05, "thickness_pp": 0.3, "rotation_deg": 0.5, "translation_mm": 0.5}
-
-
-def cut(volume: Volume, axis_world: int, top_mm: float, bottom_mm: float) -> Volume:
-    """``volume`` with ``top_mm``/``bottom_mm`` removed at the ends of the array axis closest to world
-    axis ``axis_world`` (0 R, 1 A, 2 S): a smaller field of view."""
-    axis = int(np.argmax(np.abs(volume.direction[axis_world])))
-    step = volume.spacing[axis]
-    n = volume.shape[axis]
-    lo, hi = round(bottom_mm / step), n - round(top_mm / step)
-    if volume.direction[axis_world, axis] < 0:
-        lo, hi = n - hi, n - lo
-    slices = [slice(None)] * 3
-    slices[axis] = slice(lo, hi)
-    return volume.crop(tuple(slices))
 
 
 def make_pair(rng: np.random.Generator, spacing: tuple[float, float, float], gain: float = THICKNESS_GAIN):

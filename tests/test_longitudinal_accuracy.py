@@ -20,9 +20,8 @@ import pytest
 from bml_pipeline.labels import load_schema
 from bml_pipeline.longitudinal.change import compare_visits
 from bml_pipeline.longitudinal.transform import RigidTransform, rotation_difference_deg
-from bml_pipeline.synth.change import phantom_followup, visit_transform
+from bml_pipeline.synth.change import cut_field_of_view, phantom_followup, visit_transform
 from bml_pipeline.synth.phantom import DEFAULT_LESIONS, KneeSpec, Pose, make_phantom
-from bml_pipeline.volume import Volume
 
 pytestmark = pytest.mark.slow
 
@@ -30,18 +29,6 @@ SCHEMA = load_schema("oai_zib")
 OAI = (0.7, 0.3646, 0.3646)
 BML_CHANGE_CM3 = -2.1
 THICKNESS_CHANGE_PERCENT = 2.4
-
-
-def without_top(volume: Volume, top_mm: float, bottom_mm: float) -> Volume:
-    """``volume`` less ``top_mm`` / ``bottom_mm`` at the superior / inferior ends (a smaller field of view)."""
-    axis = int(np.argmax(np.abs(volume.direction[2])))
-    n, step = volume.shape[axis], volume.spacing[axis]
-    lo, hi = round(bottom_mm / step), n - round(top_mm / step)
-    if volume.direction[2, axis] < 0:
-        lo, hi = n - hi, n - lo
-    box = [slice(None)] * 3
-    box[axis] = slice(lo, hi)
-    return volume.crop(tuple(box))
 
 
 @pytest.fixture(scope="module", params=[0, 1], ids=["pair0", "pair1"])
@@ -53,8 +40,8 @@ def measured_pair(request):
         follow = phantom_followup(base, bml_change_cm3={"femur": BML_CHANGE_CM3},
                                   thickness_change_percent={"femoral_cartilage": THICKNESS_CHANGE_PERCENT},
                                   pose=Pose.random(rng, 10.0, 5.0))
-    baseline = without_top(make_phantom(base, spacing=OAI).labels, 0.0, 8.0)
-    followup = without_top(make_phantom(follow, spacing=OAI).labels, 12.0, 0.0)
+    baseline = cut_field_of_view(make_phantom(base, spacing=OAI).labels, 2, 0.0, 8.0)
+    followup = cut_field_of_view(make_phantom(follow, spacing=OAI).labels, 2, 12.0, 0.0)
     change = compare_visits(baseline, followup, SCHEMA)
     return change, RigidTransform(visit_transform(base, follow))
 

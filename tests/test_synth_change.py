@@ -9,7 +9,13 @@ from scipy import ndimage
 from bml_pipeline.errors import InputError
 from bml_pipeline.io import read_labels
 from bml_pipeline.labels import load_schema
-from bml_pipeline.synth.change import inject_change, phantom_followup, rigid_to_dict, visit_transform
+from bml_pipeline.synth.change import (
+    cut_field_of_view,
+    inject_change,
+    phantom_followup,
+    rigid_to_dict,
+    visit_transform,
+)
 from bml_pipeline.synth.phantom import KneeSpec, Pose, make_phantom
 from bml_pipeline.synth.sdf import rotation_matrix
 from bml_pipeline.volume import Volume
@@ -158,3 +164,15 @@ def test_growth_leaves_stray_bone_voxels_alone():
     assert np.all(grown.array[15, 15, 22:24] == ID["femur"])
     lesions = find_lesions(grown, ID["femoral_bml"], ID["femur"], min_volume_mm3=0.0)
     assert lesions.volume_mm3 == pytest.approx(truth["bml"]["femur"]["delta_cm3"] * 1000)
+
+
+def test_cut_field_of_view_removes_millimetres_at_the_named_ends():
+    """A 10-voxel S axis at 0.5 mm, stored inferior-first or superior-first: 1 mm off the top and 1.5 mm
+    off the bottom leave the same 5 world positions either way."""
+    for flip in (1.0, -1.0):
+        affine = np.diag([1.0, 1.0, 0.5 * flip, 1.0])
+        volume = Volume(np.zeros((3, 3, 10), dtype=np.uint8), affine)
+        cut = cut_field_of_view(volume, 2, top_mm=1.0, bottom_mm=1.5)
+        s = np.sort(cut.world_coords(np.array([[0, 0, k] for k in range(cut.shape[2])], float))[:, 2])
+        full = np.sort(volume.world_coords(np.array([[0, 0, k] for k in range(10)], float))[:, 2])
+        np.testing.assert_allclose(s, full[3:8])

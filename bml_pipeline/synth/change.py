@@ -101,6 +101,21 @@ def phantom_followup(spec: KneeSpec, *, bml_change_cm3: dict[str, float] | None 
                    pose=pose or spec.pose)
 
 
+def cut_field_of_view(volume: Volume, axis_world: int, top_mm: float, bottom_mm: float) -> Volume:
+    """``volume`` with ``top_mm``/``bottom_mm`` removed at the ends of the array axis closest to world
+    axis ``axis_world`` (0 R, 1 A, 2 S; "top" is the positive end): a smaller field of view, as a
+    follow-up scan positioned differently has."""
+    axis = int(np.argmax(np.abs(volume.direction[axis_world])))
+    step = volume.spacing[axis]
+    n = volume.shape[axis]
+    lo, hi = round(bottom_mm / step), n - round(top_mm / step)
+    if volume.direction[axis_world, axis] < 0:
+        lo, hi = n - hi, n - lo
+    box = [slice(None)] * 3
+    box[axis] = slice(lo, hi)
+    return volume.crop(tuple(box))
+
+
 def visit_transform(baseline: KneeSpec, followup: KneeSpec) -> np.ndarray:
     """Rigid 4x4 world transform taking the baseline knee onto the follow-up knee."""
     return followup.world_from_local() @ np.linalg.inv(baseline.world_from_local())
