@@ -81,10 +81,8 @@ class ChangeConfig:
             pose on the voxel grid, so a rim counted at both visits adds a pose-dependent bias to the
             mean (several percent on tapered phantom plates); the core's change is not biased by it.
             5 mm: a little more than the taper of real plates and of the phantom (4 mm); on the phantom
-            pairs the thickness-change error fell from up to 0.83 pp (3 mm) to 0.40 pp. (Until the edge
-            distance was interpolated, the region reached 1 mm beyond the 5 mm core, so about 4 mm from
-            the edge; the 1 mm narrower region leaves the femoral change as it was and makes the small
-            tibial plate's about 20 % noisier: BENCHMARKS.md.)
+            pairs the thickness-change error fell from up to 0.83 pp (3 mm) to 0.40 pp. On the small
+            tibial plate the rim costs area: its change is about twice as noisy as the femoral one.
         decimals: rounding of every reported number (byte-identical reruns).
     """
 
