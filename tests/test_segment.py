@@ -208,7 +208,7 @@ def test_unknown_config_key_rejected(tmp_path: Path) -> None:
 
 def test_training_pose_resampling_keeps_world_position() -> None:
     """Without a random pose, labels on the working grid sit where they were in the world."""
-    from bml_pipeline.segment.pool import labels_to_working_grid
+    from bml_pipeline.segment.resample import labels_to_working_grid
 
     affine = _oblique_affine((0.7, 0.36, 0.36), 5.0)
     shape = (40, 80, 80)
@@ -219,20 +219,6 @@ def test_training_pose_resampling_keeps_world_position() -> None:
     got = work.world_coords(np.argwhere(work.array == 3)).mean(axis=0)
     np.testing.assert_allclose(got, centre, atol=0.2)
     assert np.count_nonzero(work.array == 3) * work.voxel_volume_mm3 == pytest.approx(4 / 3 * np.pi * 216, rel=0.05)
-
-
-def test_patches_centre_on_lesions_when_asked() -> None:
-    from bml_pipeline.segment.pool import sample_patch
-
-    labels = np.zeros((50, 60, 70), np.uint8)
-    labels[40:43, 50:53, 60:63] = 8
-    image = labels.astype(np.float32)
-    lesion_idx = np.flatnonzero(labels == 8)
-    rng = np.random.default_rng(0)
-    for _ in range(5):
-        img, lab = sample_patch(image, labels, (32, 32, 32), rng, lesion_idx, np.array([], np.int64), 1.0, 0.0)
-        assert img.shape == lab.shape == (32, 32, 32)
-        assert np.count_nonzero(lab == 8) == 27 and np.array_equal(img == 8, lab == 8)
 
 
 def test_shipped_model_loads_and_is_small() -> None:

@@ -1,5 +1,5 @@
 """``bml-pipeline train --config configs/models/<name>.yaml``: train a segmentation network on images
-synthesized from label maps (resumable; stop by creating ``<run_dir>/STOP``)."""
+synthesized on the fly from label maps (resumable; stop with SIGTERM, Ctrl-C or ``<run_dir>/STOP``)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="training YAML (configs/models/<name>.yaml)")
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--export", metavar="PATH",
-                        help="do not train: write the run's checkpoint as a safetensors weights file")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                        help="which checkpoint --export writes (default: best validation Dice)")
+                        help="do not train: write the run's latest local checkpoint as a safetensors weights file")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -22,7 +20,7 @@ def _run(args: argparse.Namespace) -> int:
     from bml_pipeline.segment.training import export_checkpoint, train
 
     if args.export:
-        info = export_checkpoint(load_train_config(args.config), args.export, args.checkpoint)
+        info = export_checkpoint(load_train_config(args.config), args.export)
         print(f"exported step {info['step']} to {args.export}")
         return 0
     ckpt = train(load_train_config(args.config), resume=not args.fresh)

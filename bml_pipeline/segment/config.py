@@ -78,27 +78,33 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """Training on images synthesized from label maps; paths relative to the working directory."""
+    """Training on images synthesized on the fly from label maps (:mod:`bml_pipeline.segment.synthesis`);
+    paths relative to the working directory."""
 
     label_dir: str = "../shared/data/oai_labels"
     held_out: tuple[str, ...] = ()
-    run_dir: str = "runs/knee_synth_v1"
+    run_dir: str = "runs/knee"
+    """Local, uncommitted state: full checkpoints with optimizer state, the generation-map cache."""
+    durable_dir: str = ""
+    """Committed state (weights-only ``latest.safetensors`` and ``log.jsonl``): resumes on a fresh machine."""
+    export_path: str = ""
+    """Where the best weights so far (by validation Dice) are written as a shipped model file."""
     seed: int = 0
-    patch_size: tuple[int, int, int] = (80, 80, 80)
-    batch_size: int = 2
-    learning_rate: float = 2e-3
+    sample_shape: tuple[int, int, int] = (80, 96, 96)
+    source_spacing_mm: float = 0.75
+    supersample: int = 1
+    targets: str = "coarse"
+    """"coarse": bones (lesions merged) and plates, 7 classes; "full": all 10 oai_zib labels."""
+    learning_rate: float = 1e-3
+    min_learning_rate: float = 1e-5
+    warmup_steps: int = 300
     weight_decay: float = 1e-5
-    max_steps: int = 100_000
+    max_steps: int = 60_000
     checkpoint_every: int = 200
-    validate_every: int = 1000
-    validation_volumes: int = 2
-    pool_size: int = 32
-    pool_volumes_max: int = 0
-    """Stop synthesizing after this many pool volumes in total (0: never stop)."""
-    pool_refresh_every: int = 100
-    lesion_patch_fraction: float = 0.3
-    cartilage_patch_fraction: float = 0.4
-    threads: int = 2
+    validate_every: int = 500
+    validation_volumes: int = 8
+    durable_every_s: float = 1800.0
+    threads: int = 1
 
 
 @dataclass(frozen=True)

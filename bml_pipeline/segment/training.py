@@ -1,25 +1,35 @@
-"""Training loop: patches from the synthesized pool, DiceCE loss, AdamW, resumable checkpoints,
-validation Dice per label on held-out maps. Logs one JSON line per event to ``<run_dir>/log.jsonl``.
+"""Training loop: a fresh synthesized sample every step, soft Dice + cross-entropy, AdamW with warm-up
+and cosine decay, fixed held-out validation volumes, resumable from a local checkpoint or from the
+committed weights.
 
-Layout: patches (N, 1, D, H, W) float32, targets (N, 1, D, H, W) int64 label ids.
+State lives in two places:
+
+- ``run_dir`` (local, not committed): ``checkpoint.pt`` with optimizer state, the generation-map cache;
+- ``durable_dir`` (committed about hourly): ``latest.safetensors`` (weights and step, no optimizer) and
+  ``log.jsonl`` (one JSON line per event). On a fresh machine training resumes from these, with a short
+  learning-rate warm-up for the new optimizer.
+
+Every random draw of step ``n`` comes from a generator seeded with ``(seed, n)``, so a resumed run
+draws the same samples as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
+import math
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bml_pipeline.errors import InputError
-from bml_pipeline.labels import load_schema
 from bml_pipeline.segment.config import TrainConfig
-from bml_pipeline.segment.metrics import dice_per_label
-from bml_pipeline.segment.pool import run_pool_generator, sample_patch, synthesize_training_volume
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -35,166 +45,207 @@ def split_label_maps(label_dir: Path, held_out: tuple[str, ...]) -> tuple[list[P
     return train, val
 
 
-def _pool_worker(args: tuple) -> None:
-    import os
+def learning_rate(step: int, config: TrainConfig, warmup_from: int = 0) -> float:
+    """Linear warm-up over ``warmup_steps`` after ``warmup_from`` (a resume point), then cosine decay
+    from ``learning_rate`` to ``min_learning_rate`` at ``max_steps``."""
+    tc = config.training
+    progress = min(1.0, step / max(tc.max_steps, 1))
+    lr = tc.min_learning_rate + 0.5 * (tc.learning_rate - tc.min_learning_rate) * (1 + math.cos(math.pi * progress))
+    return lr * min(1.0, (step - warmup_from + 1) / max(tc.warmup_steps, 1))
 
-    os.nice(5)
-    Path(args[1]).mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, filename=str(Path(args[1]) / "pool.log"))
-    run_pool_generator(*args)
+
+def soft_dice_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over foreground classes of (1 - soft Dice), smoothed by 1 in numerator and denominator so
+    a class absent from both prediction and target costs nothing, plus cross-entropy against the
+    (possibly soft) target. Shapes (N, C, D, H, W)."""
+    import torch
+
+    probs = torch.softmax(logits, dim=1)
+    dims = (2, 3, 4)
+    inter = (probs * target).sum(dims)
+    denom = probs.sum(dims) + target.sum(dims)
+    dice = (2 * inter + 1) / (denom + 1)
+    ce = -(target * torch.log_softmax(logits, dim=1)).sum(1).mean()
+    return (1 - dice[:, 1:]).mean() + ce
+
+
+def hard_dice(pred: np.ndarray, target: np.ndarray, n_classes: int) -> dict[int, float]:
+    """Dice per foreground class of two label arrays (NaN where the class is in neither)."""
+    out = {}
+    for c in range(1, n_classes):
+        a, b = pred == c, target == c
+        total = int(a.sum()) + int(b.sum())
+        out[c] = float(2 * np.logical_and(a, b).sum() / total) if total else float("nan")
+    return out
 
 
 def train(config: TrainConfig, resume: bool = True) -> Path:
-    """Train until ``max_steps`` (or until ``<run_dir>/STOP`` exists); returns the checkpoint path.
-
-    The checkpoint ``<run_dir>/checkpoint.pt`` (model, optimiser, step, best validation score) is
-    written every ``checkpoint_every`` steps and reloaded with ``weights_only=True`` on resume;
-    ``<run_dir>/best.pt`` holds the model with the best mean validation Dice.
-    """
+    """Train until ``max_steps`` or until ``<run_dir>/STOP`` exists (or SIGTERM / Ctrl-C); returns the
+    local checkpoint path. See the module docstring for where state is kept."""
     import torch
-    from monai.losses import DiceCELoss
 
-    from bml_pipeline.io import read_volume
-    from bml_pipeline.segment.inference import predict_probabilities
     from bml_pipeline.segment.network import build_network
+    from bml_pipeline.segment.synthesis import (
+        COARSE_CLASSES,
+        FULL_CLASSES,
+        SampleGenerator,
+        SamplingOptions,
+        cached_generation_maps,
+    )
 
     tc, mc = config.training, config.model
-    torch.manual_seed(tc.seed)
     torch.set_num_threads(tc.threads)
     run_dir = Path(tc.run_dir)
-    pool_dir = run_dir / "pool"
+    durable = Path(tc.durable_dir) if tc.durable_dir else run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    durable.mkdir(parents=True, exist_ok=True)
     (run_dir / "STOP").unlink(missing_ok=True)
     train_paths, val_paths = split_label_maps(Path(tc.label_dir), tc.held_out)
-    (run_dir / "split.json").write_text(json.dumps(
-        {"train": [p.name for p in train_paths], "validation": [p.name for p in val_paths]}, indent=1))
-    schema = load_schema(mc.schema)
-    cartilage_ids = tuple(s.id for s in schema.of_kind("cartilage"))
-    lesion_ids = tuple(s.id for s in schema.of_kind("lesion"))
-    class_ids = sorted(s.id for s in schema.structures)
-
-    ctx = mp.get_context("spawn")
-    worker = ctx.Process(target=_pool_worker, daemon=True, args=((
-        train_paths, pool_dir, mc.working_spacing_mm, mc.inference.percentiles, tc.seed, tc.pool_size,
-        run_dir / "STOP", tc.pool_volumes_max),))
-    worker.start()
-
-    val_rng = np.random.default_rng([tc.seed, 10**6])
-    validation = [synthesize_training_volume(read_volume(p), mc.working_spacing_mm, val_rng, mc.inference.percentiles)
-                  for p in val_paths[::max(1, len(val_paths) // max(tc.validation_volumes, 1))][:tc.validation_volumes]]
+    classes = {"coarse": COARSE_CLASSES, "full": FULL_CLASSES}[tc.targets]
+    if int(classes.max()) + 1 != mc.num_classes:
+        raise InputError(None, f"targets {tc.targets!r} have {int(classes.max()) + 1} classes, model {mc.num_classes}")
+    options = SamplingOptions(spacing_mm=mc.working_spacing_mm, shape=tuple(tc.sample_shape),  # type: ignore[arg-type]
+                              supersample=tc.supersample, percentiles=tuple(mc.inference.percentiles))  # type: ignore[arg-type]
+    cache = run_dir / "generation_maps"
+    sampler = SampleGenerator(cached_generation_maps(train_paths, tc.source_spacing_mm, cache), classes, options)
+    validation = _validation_set(cached_generation_maps(val_paths, tc.source_spacing_mm, cache), classes, options,
+                                 tc.validation_volumes, tc.seed)
 
     net = build_network(mc)
     opt = torch.optim.AdamW(net.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    step, best = 0, -1.0
+    step, best, warmup_from = 0, -1.0, 0
     ckpt_path = run_dir / "checkpoint.pt"
     if resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, best = int(ckpt["step"]), float(ckpt["best"])
-        log.info("resumed at step %d (best %.4f)", step, best)
-    rng = np.random.default_rng([tc.seed, step])
-    logf = (run_dir / "log.jsonl").open("a")
+        log.info("resumed at step %d from %s", step, ckpt_path)
+    elif resume and (durable / "latest.safetensors").exists():
+        step, best = _load_durable(net, durable / "latest.safetensors")
+        warmup_from = step
+        log.info("resumed at step %d from committed weights (new optimizer, warm-up)", step)
+    logf = (durable / "log.jsonl").open("a")
 
-    def emit(**rec: object) -> None:
-        logf.write(json.dumps({"time": time.strftime("%H:%M:%S"), "step": step, **rec}) + "\n")
+    def emit(**rec: Any) -> None:
+        logf.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": step, **rec}) + "\n")
         logf.flush()
 
-    def save_checkpoint() -> None:
+    def save_local() -> None:
         torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "best": best},
                    run_dir / "checkpoint.tmp")
         (run_dir / "checkpoint.tmp").replace(ckpt_path)
 
-    def _loop() -> None:
-        nonlocal step, best
-        pool: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        losses: list[float] = []
-        t0 = time.time()
-        while step < tc.max_steps and not (run_dir / "STOP").exists():
-            if step % tc.pool_refresh_every == 0 or len(pool) < 2:
-                files = sorted(pool_dir.glob("vol_*.npz"))
-                while len(files) < 2:
-                    time.sleep(5)
-                    files = sorted(pool_dir.glob("vol_*.npz"))
-                pool = []
-                for f in files:
-                    try:
-                        with np.load(f) as z:
-                            image, labels = z["image"], z["labels"]
-                        flat = labels.ravel()
-                        pool.append((image, labels, np.flatnonzero(np.isin(flat, lesion_ids)),
-                                     np.flatnonzero(np.isin(flat, cartilage_ids))))
-                    except (OSError, ValueError, KeyError):
-                        continue
-            net.train()
-            imgs, labs = [], []
-            for _ in range(tc.batch_size):
-                image, labels, lesion_idx, cartilage_idx = pool[int(rng.integers(len(pool)))]
-                img, lab = sample_patch(image, labels, tc.patch_size, rng, lesion_idx, cartilage_idx,
-                                        tc.lesion_patch_fraction, tc.cartilage_patch_fraction)
-                imgs.append(img)
-                labs.append(lab)
-            x = torch.from_numpy(np.stack(imgs)[:, None])
-            y = torch.from_numpy(np.stack(labs)[:, None])
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x), y)
-            loss.backward()
-            opt.step()
-            step += 1
-            losses.append(float(loss.detach()))
-            if step % 50 == 0:
-                emit(loss=float(np.mean(losses)), sec_per_step=(time.time() - t0) / 50, pool=len(pool))
-                losses, t0 = [], time.time()
-            if step % tc.checkpoint_every == 0:
-                save_checkpoint()
-            if step % tc.validate_every == 0 and validation:
-                scores = []
-                for image, labels in validation:
-                    probs = predict_probabilities(net, image.astype(np.float32), mc.inference, torch.device("cpu"))
-                    pred = probs.argmax(0).numpy()
-                    scores.append(dice_per_label(pred, labels, class_ids))
-                per_label = {str(k): float(np.nanmean([s[k] for s in scores])) for k in class_ids}
-                main = float(np.nanmean([per_label[str(k)] for k in (1, 2, 3, 4, 5, 6)]))
-                emit(val_dice=per_label, val_main=main)
-                if main > best:
-                    best = main
-                    # Written aside and renamed: a run killed mid-write keeps its previous best.
-                    torch.save({"model": net.state_dict(), "step": step, "val_dice": per_label}, run_dir / "best.tmp")
-                    (run_dir / "best.tmp").replace(run_dir / "best.pt")
-                t0 = time.time()
+    def save_durable() -> None:
+        from bml_pipeline.segment.weights import save_weights
+
+        save_weights(durable / "latest.safetensors", net, mc, extra={"training_step": str(step), "best": str(best)})
+
+    def validate() -> None:
+        nonlocal best
+        net.eval()
+        scores = []
+        with torch.inference_mode():
+            for image, target in validation:
+                pred = net(image[None]).argmax(1)[0].numpy()
+                scores.append(hard_dice(pred, target, mc.num_classes))
+        net.train()
+        per_class = {str(c): round(float(np.nanmean([s[c] for s in scores])), 4) for c in scores[0]}
+        main = float(np.mean(list(per_class.values())))
+        emit(val_dice=per_class, val_mean=round(main, 4))
+        if main > best:
+            best = main
+            if tc.export_path:
+                from bml_pipeline.segment.weights import save_weights
+
+                save_weights(tc.export_path, net, mc, extra={"training_step": str(step),
+                                                             "validation_dice": json.dumps(per_class)})
+
+    stop = {"now": False}
 
     def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        stop["now"] = True
 
     signal.signal(signal.SIGTERM, _terminate)
-    try:
-        _loop()
-    except KeyboardInterrupt:
-        log.info("interrupted at step %d", step)
-        save_checkpoint()
-    finally:
-        (run_dir / "STOP").touch()
-        worker.join(timeout=120)
-        logf.close()
+    signal.signal(signal.SIGINT, _terminate)
+    emit(event="start", resumed=step > 0, train_maps=len(train_paths), validation_volumes=len(validation))
+    gen = torch.Generator()
+    losses: list[float] = []
+    t0 = last_durable = time.time()
+    net.train()
+    while step < tc.max_steps and not stop["now"] and not (run_dir / "STOP").exists():
+        gen.manual_seed(tc.seed * 1_000_003 + step)
+        image, target = sampler.sample(gen)
+        lr = learning_rate(step, config, warmup_from)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss = soft_dice_ce(net(image[None]), target[None])
+        loss.backward()
+        opt.step()
+        step += 1
+        losses.append(float(loss.detach()))
+        if step % 50 == 0:
+            emit(loss=round(float(np.mean(losses)), 4), lr=round(lr, 7), sec_per_step=round((time.time() - t0) / 50, 3))
+            losses, t0 = [], time.time()
+        if step % tc.checkpoint_every == 0:
+            save_local()
+        if step % tc.validate_every == 0:
+            validate()
+            t0 = time.time()
+        if time.time() - last_durable > tc.durable_every_s:
+            save_durable()
+            last_durable = time.time()
+    save_local()
+    save_durable()
+    emit(event="stop")
+    logf.close()
     return ckpt_path
 
 
-def export_checkpoint(config: TrainConfig, out_path: str | Path, which: str = "best") -> dict[str, object]:
-    """Write ``<run_dir>/{best,checkpoint}.pt`` as a shipped safetensors weights file; returns the
-    checkpoint's step and validation Dice (when recorded)."""
+def _validation_set(maps: list[Any], classes: np.ndarray, options: Any, count: int,
+                    seed: int) -> list[tuple[torch.Tensor, np.ndarray]]:
+    """``count`` fixed held-out samples, cycling through the maps and the contrasts (presets, random)."""
+    import torch
+
+    from bml_pipeline.segment.synthesis import SampleGenerator
+
+    if not maps:
+        return []
+    sampler = SampleGenerator(maps, classes, options)
+    presets = ["dess", "pd_fs", "t2", "t1", "random"]
+    out = []
+    gen = torch.Generator()
+    for i in range(count):
+        gen.manual_seed(10**9 + seed * 1000 + i)
+        image, target = sampler.sample(gen, index=i % len(maps), preset=presets[i % len(presets)])
+        out.append((image, target.argmax(0).numpy().astype(np.uint8)))
+    return out
+
+
+def _load_durable(net: torch.nn.Module, path: Path) -> tuple[int, float]:
+    """Load committed weights into ``net``; returns (step, best validation score) from the metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as fh:
+        meta = dict(fh.metadata() or {})
+        state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not a dict)
+    net.load_state_dict(state)
+    return int(meta.get("training_step", 0)), float(meta.get("best", -1.0))
+
+
+def export_checkpoint(config: TrainConfig, out_path: str | Path) -> dict[str, object]:
+    """Write the local checkpoint's weights as a shipped safetensors file; returns its step."""
     import torch
 
     from bml_pipeline.segment.network import build_network
     from bml_pipeline.segment.weights import save_weights
 
-    path = Path(config.training.run_dir) / ("best.pt" if which == "best" else "checkpoint.pt")
+    path = Path(config.training.run_dir) / "checkpoint.pt"
     if not path.exists():
         raise InputError(path, "checkpoint not found")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     net = build_network(config.model)
     net.load_state_dict(ckpt["model"])
-    info = {"step": int(ckpt["step"]), "val_dice": ckpt.get("val_dice")}
-    save_weights(out_path, net, config.model, extra={"training_step": str(info["step"]),
-                                                      "training_val_dice": json.dumps(info["val_dice"])})
-    return info
+    save_weights(out_path, net, config.model, extra={"training_step": str(int(ckpt["step"]))})
+    return {"step": int(ckpt["step"])}

@@ -127,7 +127,7 @@ def synthesize_with(labels: Volume, opts: SynthesisOptions, seed: int = 0,
         lab, motion = _reposition(labels, opts, rng)
         params["reposition_world_mm"] = np.round(motion, 9).tolist()
     spacing = labels.spacing
-    tissue = _tissue_map(lab, spacing, schema, opts, rng)
+    tissue = tissue_map(lab, spacing, schema, opts, rng)
     image = np.take(means, tissue)
     # Texture (2 mm, log-normal: exp(a n) ~ 1 + a n) and bias field (60 mm) in one multiplicative field.
     image *= smooth_log_field(lab.shape, spacing, [(2.0, opts.texture), (60.0, opts.bias)], rng)
@@ -174,7 +174,7 @@ def _class_means(opts: SynthesisOptions, rng: np.random.Generator) -> np.ndarray
     return means.astype(np.float32)
 
 
-def _tissue_map(lab: np.ndarray, spacing: tuple[float, float, float], schema: LabelSchema,
+def tissue_map(lab: np.ndarray, spacing: tuple[float, float, float], schema: LabelSchema,
                 opts: SynthesisOptions, rng: np.random.Generator) -> np.ndarray:
     """uint8 tissue class per voxel (indices into :data:`TISSUES`)."""
 
