@@ -39,12 +39,14 @@ class ScanResult:
         row: the flat measurement row (``Measurements.flat_row()``), JSON-ready.
         segmented: True when the labels were predicted rather than given.
         timings_s: seconds per stage (read, segment, measure, report).
+        qc_summary: one line, the label map's quality control (see :mod:`bml_pipeline.qc`).
     """
 
     run_dir: Path
     row: dict[str, Any]
     segmented: bool
     timings_s: dict[str, float] = field(default_factory=dict)
+    qc_summary: str = ""
 
 
 @lru_cache(maxsize=2)
@@ -128,7 +130,8 @@ def process_scan(
         model_record = predictor.provenance
         log.info("segmented %s with %s in %.1f s", image, model_record.get("model_id"), timings["segment"])
 
-    measurements = measure_labels(label_map, label_schema, side=side, image=volume, config=config)
+    measurements = measure_labels(label_map, label_schema, side=side, image=volume, config=config,
+                                  segmentation_quality=model_record.get("quality") if model_record else None)
     timings.update(measurements.timings_s)
     extra = {"side": measurements.side.to_dict(), "model": model_record, **(extra_provenance or {})}
     provenance = provenance_record(
@@ -146,4 +149,5 @@ def process_scan(
         timings["report"] = time.perf_counter() - t0
     log.info("measured %s: %s", run_dir, ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     return ScanResult(run_dir, measurements.flat_row(), model_record is not None,
-                      {k: round(v, 3) for k, v in timings.items()})
+                      {k: round(v, 3) for k, v in timings.items()},
+                      measurements.qc.summary() if measurements.qc is not None else "")

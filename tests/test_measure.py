@@ -153,6 +153,7 @@ def test_cli_writes_outputs_and_bad_input_exits_2_without_output(tmp_path, capsy
     prov = json.loads((tmp_path / "ok" / "provenance.json").read_text())
     assert prov["inputs"]["labels"]["sha256"] == hashlib.sha256(good.read_bytes()).hexdigest()
     assert {"version", "config", "timings_s"} <= set(prov) and "min_lesion_volume_mm3" in prov["config"]["measure"]
+    assert "QC fail: femur volume" in capsys.readouterr().err  # a toy knee far smaller than any real one
 
     a = toy_knee().array.copy()
     a[0:3, 0:3, 0:3] = 9  # a patellar lesion far from the patella

@@ -291,19 +291,23 @@ def test_change_json_fills_the_table_and_matches_prior_slices(report_pair, tmp_p
     assert write_scan_report(current, prior_dir=prior, change_path=path).read_text(encoding="utf-8") == html
 
 
-def test_side_confidence_and_plausibility_flags():
+def test_side_qc_and_plausibility_flags():
     from bml_pipeline.report.quality import quality_flags
 
     m = measurements()
     m.update(side_source="anatomy", side_confidence=0.6)
     m["cartilage"]["femoral_cartilage"]["volume_cm3"] = 95.0
-    provenance = {"side": {"confidence": 0.1}, "model": {"mean_confidence": 0.3}}
-    flags = {f.title: f for f in quality_flags(m, provenance, None, SCHEMA)}
+    m["qc"] = {"status": "fail", "unreliable": ["patella"], "checks": [
+        {"name": "arrangement", "status": "fail", "detail": "the patella is 60 mm from the femur"},
+        {"name": "confidence", "status": "warn", "detail": "low model confidence for tibia"},
+        {"name": "volume", "status": "pass", "detail": "volumes plausible"}]}
+    flags = {f.title: f for f in quality_flags(m, None, SCHEMA)}
     assert flags["Side inferred"].level == "warning"
-    assert "model.mean_confidence = 0.30" in flags["Low segmentation confidence"].detail
+    assert flags["Quality control failed: arrangement"].detail == "the patella is 60 mm from the femur"
+    assert "tibia" in flags["Quality control warned: confidence"].detail
     assert "95.00 cm³" in flags["Implausible femoral cartilage volume"].detail
-    assert len(flags) == 3  # the side's own confidence is not a segmentation confidence
-    assert quality_flags(measurements(), {}, None, SCHEMA) == []
+    assert len(flags) == 4
+    assert quality_flags(measurements(), None, SCHEMA) == []
 
 
 def test_corrupt_optional_files_become_notes(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 
 from bml_pipeline.commands import Command
@@ -42,6 +43,8 @@ def _run(args: argparse.Namespace) -> int:
         extra={"side": measurements.side.to_dict()},
     )
     write_measurements(args.out, measurements, provenance)
+    if measurements.qc is not None and measurements.qc.status == "fail":
+        print(f"warning: {args.labels}: {measurements.qc.summary()}", file=sys.stderr)
     m = measurements.to_dict()
     log.info("side %s (%s, confidence %.2f); BML total %s cm3; wrote %s in %.1f s", m["side"], m["side_source"],
              m["side_confidence"], m["bml"]["total_volume_cm3"], args.out, time.perf_counter() - start)

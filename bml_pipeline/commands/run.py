@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from bml_pipeline.commands import Command
 
@@ -32,6 +33,8 @@ def _run(args: argparse.Namespace) -> int:
                           device=args.device, tta=args.tta, schema=args.schema, config=config,
                           report=not args.no_report)
     row = result.row
+    if row.get("qc_status") == "fail":
+        print(f"warning: {args.image or args.labels}: {result.qc_summary}", file=sys.stderr)
     print(f"wrote {result.run_dir}/ ({'segmented, ' if result.segmented else ''}"
           f"{sum(result.timings_s.values()):.1f} s)")
     for key, label in (("side", "side"), ("bml.total_volume_cm3", "BML total (cm3)"),

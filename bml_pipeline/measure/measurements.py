@@ -26,6 +26,7 @@ from bml_pipeline.measure.side import SideEstimate, estimate_side
 from bml_pipeline.measure.subregions import BONE_REGIONS, CARTILAGE_REGIONS, SubregionModel, build_subregions
 from bml_pipeline.measure.thickness import ThicknessResult, available_threads, cartilage_thickness
 from bml_pipeline.measure.volumes import MM3_PER_CM3, check_label_values, structure_volumes
+from bml_pipeline.qc import QcResult, check_labels
 from bml_pipeline.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Measurements:
     cartilage: dict[str, dict[str, Any] | None]
     anatomy: dict[str, Any] | None
     config: MeasureConfig
+    qc: QcResult | None = None
     thickness: dict[str, ThicknessResult] = field(default_factory=dict, compare=False)
     timings_s: dict[str, float] = field(default_factory=dict, compare=False)
 
@@ -74,6 +76,7 @@ class Measurements:
             "bml": {**self.bml, "total_volume_cm3": float(sum(present)) if present else None},
             "cartilage": self.cartilage,
             "anatomy": self.anatomy,
+            "qc": self.qc.to_dict() if self.qc is not None else None,
         }
         return _rounded(raw, self.config.decimals)
 
@@ -86,8 +89,11 @@ class Measurements:
         block are left out, ``None`` stays ``None``."""
         data = self.to_dict()
         data.pop("anatomy", None)
+        qc = data.pop("qc", None) or {}
         row: dict[str, Any] = {}
         _flatten(data, "", row)
+        row["qc_status"] = qc.get("status")
+        row["qc_unreliable"] = ";".join(qc.get("unreliable", []))
         return row
 
     def to_csv(self) -> str:
@@ -101,7 +107,8 @@ class Measurements:
 
 
 def measure_labels(labels: Volume, schema: LabelSchema, *, side: str | None = None, image: Volume | None = None,
-                   config: MeasureConfig | None = None) -> Measurements:
+                   config: MeasureConfig | None = None,
+                   segmentation_quality: dict[str, dict[str, float]] | None = None) -> Measurements:
     """Measure a label map: structure volumes, BML per bone (lesions, MOAKS subregions and grades) and
     cartilage thickness per plate (distribution and subregion means), all in physical units.
 
@@ -112,6 +119,8 @@ def measure_labels(labels: Volume, schema: LabelSchema, *, side: str | None = No
             inferred from anatomy (see :mod:`~bml_pipeline.measure.side`).
         image: the image the labels belong to (checked to share the grid; its laterality is used).
         config: measure configuration (defaults when None).
+        segmentation_quality: the segmentation stage's per-structure ``confidence`` and
+            ``tta_agreement`` (see :class:`~bml_pipeline.segment.predictor.Predictor`), for QC.
 
     Raises:
         InputError: values not in the schema, image on another grid, an empty map, a cartilage plate or
@@ -138,6 +147,9 @@ def measure_labels(labels: Volume, schema: LabelSchema, *, side: str | None = No
     volumes = structure_volumes(labels, schema, counts)
     _check_structures(volumes, schema, source)
     lap("volumes")
+    quality = segmentation_quality or {}
+    qc = check_labels(labels, schema, volumes, quality.get("confidence"), quality.get("tta_agreement"))
+    lap("qc")
 
     points = bone_point_sets(labels, schema)
     axes = knee_axes(labels, schema, points)
@@ -188,7 +200,8 @@ def measure_labels(labels: Volume, schema: LabelSchema, *, side: str | None = No
     if axes is not None:
         anatomy = {"side_votes_mm": side_estimate.votes, **(model.to_dict() if model else {"axes": axes.to_dict()})}
     return Measurements(side=side_estimate, spacing_mm=labels.spacing, structures=volumes, bml=bml,
-                        cartilage=cartilage, anatomy=anatomy, config=config, thickness=thickness, timings_s=timings)
+                        cartilage=cartilage, anatomy=anatomy, config=config, qc=qc, thickness=thickness,
+                        timings_s=timings)
 
 
 def _check_structures(volumes: dict[str, float | None], schema: LabelSchema, source: str | None) -> None:

@@ -1,8 +1,9 @@
 """Quality flags a reader should see before trusting the numbers.
 
 Flags come from four places: the side (unknown or inferred), the field of view (a bone touching the
-volume border near the joint), segmentation confidence recorded in provenance, and volumes or
-thicknesses outside plausible adult ranges. Problems met while loading the run are added as notes.
+volume border near the joint), the label map's quality control (``measurements.json``'s ``qc`` block,
+:mod:`bml_pipeline.qc`), and volumes or thicknesses outside plausible adult ranges. Problems met while
+loading the run are added as notes.
 """
 
 from __future__ import annotations
@@ -21,9 +22,6 @@ from bml_pipeline.volume import Volume
 BORDER_NEAR_JOINT_MM = 45.0
 """A bone voxel on the volume border closer than this to the joint centre means the field of view
 cuts through the bone where it matters (shafts leaving the volume farther away are normal)."""
-
-LOW_CONFIDENCE = 0.5
-"""Segmentation confidences (0..1) recorded in provenance below this are flagged."""
 
 PLAUSIBLE = {
     # structure: (quantity, low, high, unit); ranges wide enough for any adult knee in OAI-like scans.
@@ -46,10 +44,10 @@ class Flag:
     detail: str
 
 
-def quality_flags(measurements: dict[str, Any], provenance: dict[str, Any], labels: Volume | None,
+def quality_flags(measurements: dict[str, Any], labels: Volume | None,
                   schema: LabelSchema, notes: tuple[str, ...] = ()) -> list[Flag]:
     """All flags for one run, warnings first."""
-    flags = [*_side_flags(measurements), *_confidence_flags(provenance), *_plausibility_flags(measurements)]
+    flags = [*_side_flags(measurements), *_qc_flags(measurements), *_plausibility_flags(measurements)]
     if labels is not None:
         flags += border_flags(labels, schema)
     flags += [Flag("note", "Report", note) for note in notes]
@@ -105,13 +103,10 @@ def _side_flags(m: dict[str, Any]) -> list[Flag]:
     return []
 
 
-def _confidence_flags(provenance: dict[str, Any]) -> list[Flag]:
-    flags = []
-    for path, value in _numbers_named(provenance, "confidence"):
-        if "side" not in path and 0 <= value < LOW_CONFIDENCE:
-            flags.append(Flag("warning", "Low segmentation confidence",
-                              f"{path} = {value:.2f} (below {LOW_CONFIDENCE}); check the outlines."))
-    return flags
+def _qc_flags(m: dict[str, Any]) -> list[Flag]:
+    checks = mapping(m.get("qc")).get("checks") or []
+    return [Flag("warning", f"Quality control {c.get('status')}ed: {str(c.get('name', '')).replace('_', ' ')}",
+                 str(c.get("detail", ""))) for c in checks if isinstance(c, dict) and c.get("status") in ("fail", "warn")]
 
 
 def _plausibility_flags(m: dict[str, Any]) -> list[Flag]:
@@ -133,16 +128,3 @@ def _plausibility_flags(m: dict[str, Any]) -> list[Flag]:
         flags.append(Flag("warning", "Implausible BML volume",
                           f"total {total:.2f} cm³ is above {PLAUSIBLE_BML_TOTAL_CM3} cm³."))
     return flags
-
-
-def _numbers_named(data: Any, word: str, prefix: str = "") -> list[tuple[str, float]]:
-    """(dotted path, value) of every number under a key containing ``word``, depth first."""
-    found = []
-    if isinstance(data, dict):
-        for key, value in data.items():
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if word in str(key).lower() and number(value) is not None:
-                found.append((path, float(value)))
-            else:
-                found += _numbers_named(value, word, path)
-    return found

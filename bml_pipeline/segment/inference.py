@@ -13,14 +13,16 @@ if TYPE_CHECKING:
 
 
 def predict_probabilities(network: torch.nn.Module, image: np.ndarray, config: InferenceConfig,
-                          device: torch.device, tta: bool = False) -> torch.Tensor:
+                          device: torch.device, tta: bool = False,
+                          agreement: dict[int, float] | None = None) -> torch.Tensor:
     """Softmax probabilities (C, D, H, W) float32 on the CPU for a normalised image (D, H, W).
 
     Windows of ``config.roi_size`` overlap by ``config.overlap`` and are blended with Gaussian weights;
     windows run on ``device`` (AMP float16 on CUDA) and are stitched on the CPU, so memory on the
     device stays bounded by one batch of windows. With ``tta`` the prediction is averaged with that of
     the image mirrored along axis 0 (medial-lateral on the RAS-aligned working grid; the oai_zib labels
-    have no side-specific classes, so the mirror maps labels to themselves).
+    have no side-specific classes, so the mirror maps labels to themselves); then ``agreement``, when
+    given, receives per class the Dice of the two predictions' argmax labels (a class in neither: 1).
     """
     import torch
     from monai.inferers import sliding_window_inference
@@ -40,6 +42,31 @@ def predict_probabilities(network: torch.nn.Module, image: np.ndarray, config: I
     with torch.inference_mode():
         probs = run(x)
         if tta:
-            probs += run(torch.flip(x, dims=(2,))).flip(dims=(1,))
+            mirrored = run(torch.flip(x, dims=(2,))).flip(dims=(1,))
+            if agreement is not None:
+                agreement.update(_label_dice(probs.argmax(0), mirrored.argmax(0), probs.shape[0]))
+            probs += mirrored
             probs *= 0.5
     return probs
+
+
+def _label_dice(a: torch.Tensor, b: torch.Tensor, n_classes: int) -> dict[int, float]:
+    """Dice per foreground class of two label tensors (1.0 where the class is in neither)."""
+    out = {}
+    for c in range(1, n_classes):
+        x, y = a == c, b == c
+        total = int(x.sum()) + int(y.sum())
+        out[c] = float(2 * int((x & y).sum()) / total) if total else 1.0
+    return out
+
+
+def class_confidence(probs: torch.Tensor) -> dict[int, float]:
+    """Mean max-probability over the voxels predicted as each foreground class (classes predicted
+    nowhere are left out): how sure the network is of what it labelled."""
+    top, labels = probs.max(0)
+    out = {}
+    for c in range(1, probs.shape[0]):
+        mask = labels == c
+        if bool(mask.any()):
+            out[c] = float(top[mask].mean())
+    return out

@@ -22,7 +22,7 @@ from bml_pipeline.labels import load_schema
 from bml_pipeline.segment.bml import constrain_lesions
 from bml_pipeline.segment.cleanup import clean_anatomy
 from bml_pipeline.segment.config import ModelConfig
-from bml_pipeline.segment.inference import predict_probabilities
+from bml_pipeline.segment.inference import class_confidence, predict_probabilities
 from bml_pipeline.segment.intensity import percentile_normalise
 from bml_pipeline.segment.resample import image_to_working_grid, probabilities_to_labels, working_grid
 from bml_pipeline.segment.weights import load_weights, resolve_model, sha256_file
@@ -58,6 +58,8 @@ class Predictor:
         weights_sha256: checksum of the weights file.
         device: torch device the windows run on.
         timings: seconds per step of the last :meth:`segment` call.
+        quality: per structure name, the last call's ``confidence`` (mean max-probability of its
+            voxels on the working grid) and, with TTA, ``tta_agreement`` (Dice against the mirror).
     """
 
     network: Any
@@ -67,6 +69,7 @@ class Predictor:
     weights_path: str
     device: Any
     timings: dict[str, float] = field(default_factory=dict)
+    quality: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, name_or_path: str | Path = "knee_synth_v1", device: str = "auto") -> Predictor:
@@ -81,7 +84,7 @@ class Predictor:
         """Model id, weights checksum and device, JSON-ready."""
         return {"model_id": self.model_id, "weights_sha256": self.weights_sha256,
                 "weights_path": self.weights_path, "device": str(self.device),
-                "working_spacing_mm": self.config.working_spacing_mm}
+                "working_spacing_mm": self.config.working_spacing_mm, "quality": self.quality}
 
     def segment(self, image: Volume, tta: bool = False) -> Volume:
         """Labels (uint8, schema ``config.schema``) on ``image``'s grid, with its affine and metadata.
@@ -101,12 +104,17 @@ class Predictor:
         normalised = image.with_array(percentile_normalise(arr, cfg.inference.percentiles))
         work = image_to_working_grid(normalised, shape, work_affine)
         t["resample_in"] = time.perf_counter()
-        probs = predict_probabilities(self.network, work, cfg.inference, self.device, tta=tta)
+        agreement: dict[int, float] = {}
+        probs = predict_probabilities(self.network, work, cfg.inference, self.device, tta=tta, agreement=agreement)
+        schema = load_schema(cfg.schema)
+        names = {s.id: s.name for s in schema.structures}
+        self.quality = {"confidence": {names[c]: round(v, 4) for c, v in class_confidence(probs).items()}}
+        if tta:
+            self.quality["tta_agreement"] = {names[c]: round(v, 4) for c, v in agreement.items()}
         t["inference"] = time.perf_counter()
         labels = probabilities_to_labels(probs, work_affine, image, cfg.inference.slab_voxels)
         del probs
         t["resample_out"] = time.perf_counter()
-        schema = load_schema(cfg.schema)
         result = constrain_lesions(clean_anatomy(Volume(labels, image.affine.copy(), image.meta), schema), schema)
         t["lesions"] = time.perf_counter()
         keys = list(t)
