@@ -239,3 +239,28 @@ def test_dice_per_label_with_labels_not_asked_for():
     dice = dice_per_label(pred, truth, [1, 3])
     assert dice[1] == pytest.approx(2 * 1 / (2 + 2))
     assert dice[3] == pytest.approx(2 * 1 / (1 + 2))
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"network": {"channels": [100000, 200000, 400000], "strides": [2, 2]}}, "network.channels = 100000"),
+    ({"inference": {"roi_size": [4096, 4096, 4096]}}, "inference.roi_size = 4096"),
+    ({"network": {"channels": "abc"}}, "network.channels must be numbers"),
+    ({"num_classes": 2.5}, "num_classes must be whole numbers"),
+    ({"network": {"channels": [8, 16], "strides": [2, 2, 2]}}, "one stride fewer"),
+    ({"network": {"norm": "layer"}}, "network.norm must be one of"),
+])
+def test_hostile_embedded_config_refused_before_building(tmp_path: Path, change: dict, problem: str) -> None:
+    """A weights file's embedded config is validated against bounds before any network is built."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from bml_pipeline.segment.weights import FORMAT
+
+    config = {"name": "evil", "num_classes": 3, **change}
+    path = tmp_path / "evil.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"format": FORMAT, "config": json.dumps(config)})
+    with pytest.raises(InputError) as err:
+        load_weights(path)
+    assert str(path) in str(err.value) and problem in str(err.value) and "\n" not in str(err.value)

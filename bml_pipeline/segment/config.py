@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bml_pipeline.errors import InputError
 
 
@@ -72,8 +74,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: Any, source: str | Path | None = None) -> ModelConfig:
-        """Build from a plain mapping; unknown keys raise :class:`InputError` naming ``source``."""
-        return _build(cls, raw, source, "model")
+        """Build from a plain mapping; unknown keys, wrong types and values outside :data:`BOUNDS`
+        raise :class:`InputError` naming ``source`` (a weights file's embedded config is untrusted:
+        nothing is built from it before it passes)."""
+        config = _build(cls, raw, source, "model")
+        _check_bounds(config, source)
+        return config
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,61 @@ class TrainConfig:
 
     model: ModelConfig
     training: TrainingConfig
+
+
+BOUNDS: dict[str, tuple[float, float]] = {
+    # field: (low, high), inclusive; a sequence field bounds each element.
+    "num_classes": (2, 64),
+    "working_spacing_mm": (0.1, 5.0),
+    "network.channels": (1, 512),
+    "network.strides": (1, 4),
+    "network.num_res_units": (0, 4),
+    "inference.roi_size": (8, 512),
+    "inference.overlap": (0.0, 0.9),
+    "inference.sw_batch_size": (1, 64),
+    "inference.percentiles": (0.0, 100.0),
+    "inference.slab_voxels": (1_000, 1_000_000_000),
+    "bml_refine.k_sd": (0.0, 20.0),
+    "bml_refine.erode_mm": (0.0, 20.0),
+    "bml_refine.min_component_mm3": (0.0, 1e6),
+}
+MAX_NETWORK_LEVELS = 7
+MAX_ROI_VOXELS = 256**3
+NORMS = ("instance", "batch")
+
+
+def _check_bounds(config: ModelConfig, source: str | Path | None) -> None:
+    """Types and ranges of every numeric field (see :data:`BOUNDS`) and the network's shape."""
+    def fail(problem: str) -> None:
+        raise InputError(source, f"model config: {problem}")
+
+    for dotted, (low, high) in BOUNDS.items():
+        value: Any = config
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                fail(f"{dotted} must be numbers, got {type(item).__name__}")
+            if not low <= item <= high:
+                fail(f"{dotted} = {item} is outside {low:g}..{high:g}")
+    net, inf = config.network, config.inference
+    for name, value in (("num_classes", config.num_classes), ("network.num_res_units", net.num_res_units),
+                        ("inference.sw_batch_size", inf.sw_batch_size), ("inference.slab_voxels", inf.slab_voxels),
+                        *(("network.channels", c) for c in net.channels), *(("network.strides", c) for c in net.strides),
+                        *(("inference.roi_size", c) for c in inf.roi_size)):
+        if not isinstance(value, int):
+            fail(f"{name} must be whole numbers, got {value}")
+    if not 2 <= len(net.channels) <= MAX_NETWORK_LEVELS or len(net.strides) != len(net.channels) - 1:
+        fail(f"network needs 2..{MAX_NETWORK_LEVELS} channel levels and one stride fewer, got "
+             f"{len(net.channels)} and {len(net.strides)}")
+    if net.norm not in NORMS:
+        fail(f"network.norm must be one of {', '.join(NORMS)}, got {net.norm!r}")
+    if len(inf.roi_size) != 3 or int(np.prod(inf.roi_size)) > MAX_ROI_VOXELS:
+        fail(f"inference.roi_size must be 3 sizes of at most {MAX_ROI_VOXELS} voxels in all, got {inf.roi_size}")
+    if len(inf.percentiles) != 2 or not inf.percentiles[0] < inf.percentiles[1]:
+        fail(f"inference.percentiles must be (low, high) with low < high, got {inf.percentiles}")
+    if not isinstance(config.name, str) or not isinstance(config.schema, str):
+        fail("name and schema must be text")
 
 
 _NESTED = {"network": NetworkConfig, "inference": InferenceConfig, "bml_refine": BmlRefineConfig}
