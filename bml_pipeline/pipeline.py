@@ -57,9 +57,10 @@ def load_predictor(model: str, device: str) -> Any:
         InputError: "no labels and no segmentation model available" when the model cannot be found.
     """
     try:
-        from bml_pipeline.segment import Predictor
+        from bml_pipeline.segment import Predictor, resolve_device
     except ImportError:
         raise InputError(model, f"{NO_MODEL} (segmentation stage not installed)") from None
+    resolve_device(device)  # an unknown or absent device is its own error, not a missing model
     log.info("loading segmentation model %s on %s", model, device)
     try:
         return Predictor.load(model, device)
@@ -84,7 +85,9 @@ def process_scan(
     """Measure one scan and write its run directory.
 
     Writes ``labels.nii.gz`` (when segmented), ``measurements.json``/``.csv``, ``provenance.json``,
-    ``thickness_<plate>.nii.gz`` and ``report.html`` (unless ``report`` is False).
+    ``thickness_<plate>.nii.gz`` and ``report.html`` (unless ``report`` is False). The folder is
+    replaced as a whole: whatever ``run_dir`` held before is gone (commands check it first with
+    :func:`bml_pipeline.io.outdir.check_output_dir`).
 
     Args:
         run_dir: output folder (created).
@@ -105,6 +108,7 @@ def process_scan(
             label maps the measurement rejects (no bone, lesion outside its bone ...).
     """
     from bml_pipeline.io import read_labels, read_volume, write_nifti
+    from bml_pipeline.io.outdir import staged_dir
     from bml_pipeline.labels import load_schema
     from bml_pipeline.measure import load_measure_config, measure_labels, write_measurements
     from bml_pipeline.provenance import provenance_record
@@ -137,9 +141,12 @@ def process_scan(
     provenance = provenance_record(
         step="pipeline", inputs={"image": image, "labels": labels},
         config={"measure": config.to_dict(), "label_schema": label_schema.name}, timings_s=timings, extra=extra)
-    if model_record is not None:  # written only once the measurement succeeded: no partial output
-        write_nifti(label_map, run_dir / "labels.nii.gz", dtype=np.uint16)
-    write_measurements(run_dir, measurements, provenance)
+    # Written only once the measurement succeeded, into a staging folder that then replaces run_dir as a
+    # whole: no partial output, and nothing from an earlier run in that folder survives.
+    with staged_dir(run_dir) as staging:
+        if model_record is not None:
+            write_nifti(label_map, staging / "labels.nii.gz", dtype=np.uint16)
+        write_measurements(staging, measurements, provenance)
 
     if report:
         from bml_pipeline.report import write_scan_report

@@ -40,7 +40,8 @@ def provenance_record(*, step: str, inputs: Mapping[str, str | Path | None], con
 
     Args:
         step: what produced the outputs (e.g. ``"measure"``).
-        inputs: role -> path of every input file (None entries are skipped); each gets its sha256.
+        inputs: role -> path of every input file (None entries are skipped); each is recorded as an
+            absolute path (later stages reload it from any working directory) with its sha256.
         config: the resolved configuration actually used.
         timings_s: seconds per step.
         extra: further fields (model id and checksum, label schema, side source ...).
@@ -55,7 +56,8 @@ def provenance_record(*, step: str, inputs: Mapping[str, str | Path | None], con
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "libraries": {"numpy": numpy.__version__, "scipy": scipy.__version__},
-        "inputs": {role: {"path": str(p), "sha256": sha256_path(p)} for role, p in inputs.items() if p is not None},
+        "inputs": {role: {"path": str(Path(p).resolve()), "sha256": sha256_path(p)}
+                   for role, p in inputs.items() if p is not None},
         "config": dict(config),
         "timings_s": {k: round(float(v), 4) for k, v in timings_s.items()},
     }

@@ -254,7 +254,7 @@ def test_cli_refuses_left_against_right(tmp_path, pair, capsys):
     code = main(["longitudinal", "--baseline", base, "--followup", foll, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2
-    assert "not the same knee" in err and "right knee and the follow-up a left knee" in err and "--force" in err
+    assert "not the same knee" in err and "right knee and the follow-up a left knee" in err and "--allow-mismatch" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -278,7 +278,8 @@ def test_change_json_fills_the_table_and_matches_prior_slices(report_pair, tmp_p
     prior, current, _ = report_pair
     shift = np.eye(4)
     shift[1, 3] = 2.0  # the current visit is the prior one moved 2 mm anterior (see make_run)
-    change = {"baseline": {"labels": str(prior / "labels.nii.gz")},
+    change = {"baseline": {"labels": str(prior / "labels.nii.gz")}, "same_knee": {"forced": False, "problem": None},
+              "cartilage": {},
               "bml": {"total": {"baseline_cm3": 0.2, "followup_cm3": 0.1, "delta_cm3": -0.1, "delta_percent": -50.0}},
               "alignment": {b: {"rotation_deg": 0.0, "translation_mm": 2.0, "residual": 0.01, "matrix": shift.tolist()}
                             for b in ("femur", "tibia", "patella")}}

@@ -1,7 +1,9 @@
 """``bml-pipeline batch MANIFEST --out DIR``: every scan of a manifest, on local workers or a Dask cluster.
 
 Exit status: 0 all scans done, 3 done with failures (listed in ``errors.csv``), 2 could not start
-(invalid manifest: every problem listed in one line).
+(invalid manifest: every problem listed in one line), 130 stopped by SIGINT (Ctrl-C), 143 stopped by
+SIGTERM. Stopped, the batch cancels its queued scans, terminates its worker processes and exits within
+seconds; finished scans are kept and ``--resume`` completes the rest (:mod:`bml_pipeline.batch.interrupt`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,21 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from bml_pipeline.batch.interrupt import BatchInterrupted, stop_children, stop_on_signals
+
+    with stop_on_signals():
+        try:
+            return _run_batch(args)
+        except BatchInterrupted as exc:
+            stopped = stop_children()  # anything the executor could not stop (a Dask worker, say)
+            if stopped:
+                log.warning("stopped leftover worker processes %s", stopped)
+            print(f"batch: stopped by {exc.signal_name}: queued scans cancelled, worker processes stopped; "
+                  f"finished scans are kept, run again with --resume to complete the batch", file=sys.stderr)
+            return exc.exit_code
+
+
+def _run_batch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from bml_pipeline.batch import BatchSettings, DaskExecutor, LocalExecutor, load_manifest, run_batch

@@ -1,4 +1,5 @@
-"""``bml-pipeline longitudinal --baseline A --followup B --out DIR [--force]``: change between two visits.
+"""``bml-pipeline longitudinal --baseline A --followup B --out DIR [--force] [--allow-mismatch]``: change
+between two visits.
 
 ``A`` and ``B`` are run directories (from ``measure`` or ``run``) of the same knee; ``DIR`` receives
 ``change.json`` (DESIGN.md contract) and ``change.csv`` (the same numbers, one flat row).
@@ -15,26 +16,28 @@ from bml_pipeline.commands import Command
 
 
 def load_visit(run_dir: str | Path):
-    """(labels Volume, measurements dict, schema) of a run directory; :class:`InputError` when unusable."""
+    """(labels Volume, measurements dict, schema, subject or None) of a run directory; :class:`InputError`
+    when unusable."""
     from bml_pipeline.errors import InputError
     from bml_pipeline.report.rundir import load_run
 
     run = load_run(run_dir, with_image=False)
     if run.labels is None:
         raise InputError(run_dir, "; ".join(run.notes) or "no label map in the run directory")
-    return run.labels, run.measurements, run.schema
+    subject = run.provenance.get("subject")
+    return run.labels, run.measurements, run.schema, subject if isinstance(subject, str) else None
 
 
 def write_change(out_dir: str | Path, change: dict[str, Any], row: dict[str, Any]) -> None:
     """Write ``change.json`` and ``change.csv`` into ``out_dir`` (atomically, after all computation)."""
     import pandas as pd
 
-    from bml_pipeline.io import write_text_atomic
+    from bml_pipeline.io.outdir import staged_dir
 
-    out_dir = Path(out_dir)
     csv = pd.DataFrame([row]).to_csv(index=False, float_format="%.6g")
-    write_text_atomic(out_dir / "change.json", json.dumps(change, indent=2, sort_keys=True) + "\n")
-    write_text_atomic(out_dir / "change.csv", csv)
+    with staged_dir(out_dir) as staging:
+        (staging / "change.json").write_text(json.dumps(change, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (staging / "change.csv").write_text(csv, encoding="utf-8")
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,22 +45,25 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--followup", required=True, help="run directory of the follow-up visit")
     parser.add_argument("--out", required=True, help="folder for change.json and change.csv")
     parser.add_argument("--side", choices=("left", "right"), help="the knee's side, when known")
-    parser.add_argument("--force", action="store_true",
+    parser.add_argument("--allow-mismatch", action="store_true",
                         help="compare even when the scans do not look like the same knee (recorded in change.json)")
+    parser.add_argument("--force", action="store_true", help="replace an earlier result in --out")
 
 
 def _run(args: argparse.Namespace) -> int:
     from bml_pipeline.errors import InputError
+    from bml_pipeline.io.outdir import check_output_dir
     from bml_pipeline.longitudinal.change import change_row, compare_visits
 
-    base_labels, base_meas, schema = load_visit(args.baseline)
-    foll_labels, foll_meas, foll_schema = load_visit(args.followup)
+    check_output_dir(args.out, force=args.force)
+    base_labels, base_meas, schema, base_subject = load_visit(args.baseline)
+    foll_labels, foll_meas, foll_schema, foll_subject = load_visit(args.followup)
     if foll_schema.name != schema.name:
         raise InputError(args.followup, f"label schema {foll_schema.name!r} differs from the baseline's {schema.name!r}")
     change = compare_visits(base_labels, foll_labels, schema, baseline_measurements=base_meas,
-                            followup_measurements=foll_meas, side=args.side, force=args.force).to_dict()
+                            followup_measurements=foll_meas, side=args.side, force=args.allow_mismatch).to_dict()
     base, foll = Path(args.baseline).resolve(), Path(args.followup).resolve()
-    ids = {"subject": base.parent.name if base.parent == foll.parent else None,
+    ids = {"subject": base_subject if base_subject == foll_subject else None,  # as recorded, never guessed
            "baseline_visit": base.name, "followup_visit": foll.name}
     write_change(args.out, change, change_row(change, **ids))
     print(summary(change))

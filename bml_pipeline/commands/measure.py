@@ -20,14 +20,17 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="label schema name in configs/labels or a YAML path (default: oai_zib)")
     parser.add_argument("--config", metavar="YAML", help="config file whose 'measure' section is used")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--force", action="store_true", help="replace an earlier run in --out")
 
 
 def _run(args: argparse.Namespace) -> int:
     from bml_pipeline.io import read_labels, read_volume
+    from bml_pipeline.io.outdir import check_output_dir, staged_dir
     from bml_pipeline.labels import load_schema
     from bml_pipeline.measure import load_measure_config, measure_labels, write_measurements
     from bml_pipeline.provenance import provenance_record
 
+    check_output_dir(args.out, force=args.force)
     start = time.perf_counter()
     config = load_measure_config(args.config)
     schema = load_schema(args.labels_config)
@@ -42,8 +45,9 @@ def _run(args: argparse.Namespace) -> int:
         timings_s={"read": read_s, **measurements.timings_s},
         extra={"side": measurements.side.to_dict()},
     )
-    write_measurements(args.out, measurements, provenance)
-    if measurements.qc is not None and measurements.qc.status == "fail":
+    with staged_dir(args.out) as staging:
+        write_measurements(staging, measurements, provenance)
+    if measurements.qc is not None and measurements.qc.status != "pass":
         print(f"warning: {args.labels}: {measurements.qc.summary()}", file=sys.stderr)
     m = measurements.to_dict()
     log.info("side %s (%s, confidence %.2f); BML total %s cm3; wrote %s in %.1f s", m["side"], m["side_source"],

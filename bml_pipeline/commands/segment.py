@@ -19,7 +19,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", help="NIfTI/MHA/NRRD file or DICOM directory")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--model", default="knee_synth_v1", help="shipped model name or weights path")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N")
+    parser.add_argument("--force", action="store_true", help="replace an earlier result in --out")
     parser.add_argument("--tta", action="store_true", help="average with the medial-lateral mirror")
     parser.add_argument("--contrast", default="unknown", choices=CONTRASTS,
                         help="image contrast; needed by --refine-bml")
@@ -33,13 +34,15 @@ def _run(args: argparse.Namespace) -> int:
 
     from bml_pipeline import __version__
     from bml_pipeline.errors import InputError
-    from bml_pipeline.io import read_volume, write_nifti, write_text_atomic
+    from bml_pipeline.io import read_volume, write_nifti
+    from bml_pipeline.io.outdir import check_output_dir, staged_dir
     from bml_pipeline.labels import load_schema
     from bml_pipeline.segment.bml import FLUID_SENSITIVE, refine_lesions
     from bml_pipeline.segment.predictor import Predictor
 
     if args.refine_bml and args.contrast not in FLUID_SENSITIVE:
         raise InputError(args.image, f"--refine-bml needs --contrast one of {FLUID_SENSITIVE}, got {args.contrast!r}")
+    check_output_dir(args.out, force=args.force)
     t0 = time.perf_counter()
     image = read_volume(args.image)
     predictor = Predictor.load(args.model, device=args.device)
@@ -48,16 +51,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.refine_bml:
         labels = refine_lesions(image, labels, load_schema(cfg.schema), cfg.bml_refine, args.contrast)
     out = Path(args.out)
-    write_nifti(labels, out / "labels.nii.gz", dtype="uint8")
     provenance = {
-        "package_version": __version__, "input": str(args.image), "stage": "segment",
+        "package": "bml-pipeline", "package_version": __version__, "input": str(args.image), "stage": "segment",
         **predictor.provenance, "tta": bool(args.tta), "contrast": args.contrast,
         "bml_refine": {"enabled": bool(args.refine_bml), "k_sd": cfg.bml_refine.k_sd,
                        "erode_mm": cfg.bml_refine.erode_mm,
                        "min_component_mm3": cfg.bml_refine.min_component_mm3},
         "seconds": {**predictor.timings, "wall": round(time.perf_counter() - t0, 3)},
     }
-    write_text_atomic(out / "provenance.json", json.dumps(provenance, indent=2))
+    with staged_dir(out) as staging:
+        write_nifti(labels, staging / "labels.nii.gz", dtype="uint8")
+        (staging / "provenance.json").write_text(json.dumps(provenance, indent=2))
     print(f"labels: {out / 'labels.nii.gz'} ({predictor.timings['total']:.1f} s on {predictor.device})")
     return 0
 

@@ -415,7 +415,7 @@ def _subregion_model(labels: Volume, schema: LabelSchema, side: str | None):
 
 def _refuse(baseline: Volume, followup: Volume, problems: list[str]) -> None:
     raise KneeMismatchError(followup.meta.source, f"not the same knee as {baseline.meta.source}: "
-                            f"{'; '.join(problems)} (use --force to compare anyway)")
+                            f"{'; '.join(problems)} (use --allow-mismatch to compare anyway)")
 
 
 def _get(tree: dict[str, Any] | None, *keys: str) -> Any:

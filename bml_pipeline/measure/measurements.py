@@ -26,7 +26,7 @@ from bml_pipeline.measure.side import SideEstimate, estimate_side
 from bml_pipeline.measure.subregions import BONE_REGIONS, CARTILAGE_REGIONS, SubregionModel, build_subregions
 from bml_pipeline.measure.thickness import ThicknessResult, available_threads, cartilage_thickness
 from bml_pipeline.measure.volumes import MM3_PER_CM3, check_label_values, structure_volumes
-from bml_pipeline.qc import QcResult, check_labels
+from bml_pipeline.qc import Check, QcResult, check_labels
 from bml_pipeline.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class Measurements:
             "side": self.side.side,
             "side_source": self.side.source,
             "side_confidence": self.side.confidence,
+            "side_conflict": self.side.conflict,
             "spacing_mm": list(self.spacing_mm),
             "structures": {name: {"volume_cm3": v} for name, v in self.structures.items()},
             "bml": {**self.bml, "total_volume_cm3": float(sum(present)) if present else None},
@@ -155,6 +156,8 @@ def measure_labels(labels: Volume, schema: LabelSchema, *, side: str | None = No
     axes = knee_axes(labels, schema, points)
     side_estimate = estimate_side(labels, schema, side=side, axes=axes, points=points,
                                   metadata_side=image.meta.laterality if image is not None else None)
+    if side_estimate.conflict:
+        qc = QcResult((*qc.checks, Check("side", "warn", side_estimate.conflict)), qc.metrics)
     model = build_subregions(axes, side_estimate.side, points) if axes is not None and side_estimate.side else None
     if model is None:
         log.warning("%s: no anatomical frame or side; subregions are left out", source)

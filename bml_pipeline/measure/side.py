@@ -42,21 +42,38 @@ CUE_RELIABILITY: dict[str, tuple[float, float]] = {
     "medial_condyle_distal": (50 / 54, 0.5),
 }
 MAX_CONFIDENCE = 0.99
+CONFLICT_CONFIDENCE = 0.9
+"""Anatomy this sure of the other side than the caller or the file says is a side conflict (flagged)."""
 
 
 @dataclass(frozen=True)
 class SideEstimate:
     """Side of the knee, how it was decided and how sure. ``source``: "input", "metadata", "anatomy"
-    or "unknown"; ``votes``: anatomical cue values (mm, positive = +ml looks lateral)."""
+    or "unknown"; ``votes``: anatomical cue values (mm, positive = +ml looks lateral);
+    ``anatomy_side`` and ``anatomy_confidence``: what the anatomy says, also when the side was given."""
 
     side: str | None
     source: str
     confidence: float
     votes: dict[str, float]
+    anatomy_side: str | None = None
+    anatomy_confidence: float = 0.5
+
+    @property
+    def conflict(self) -> str | None:
+        """A sentence when a given side contradicts confident anatomy, else None."""
+        if self.source not in ("input", "metadata") or self.anatomy_side in (None, self.side):
+            return None
+        if self.anatomy_confidence < CONFLICT_CONFIDENCE:
+            return None
+        given = "the --side option" if self.source == "input" else "the file's laterality tag"
+        return (f"{given} says {self.side} but the anatomy says {self.anatomy_side} (confidence "
+                f"{self.anatomy_confidence:.2f}): medial and lateral may be swapped")
 
     def to_dict(self) -> dict[str, object]:
         return {"side": self.side, "source": self.source, "confidence": self.confidence,
-                "votes_mm": dict(sorted(self.votes.items()))}
+                "anatomy_side": self.anatomy_side, "anatomy_confidence": self.anatomy_confidence,
+                "conflict": self.conflict, "votes_mm": dict(sorted(self.votes.items()))}
 
 
 def side_votes(axes: KneeAxes, points: dict[str, np.ndarray]) -> dict[str, float]:
@@ -121,18 +138,17 @@ def infer_side(labels: Volume, schema: LabelSchema) -> tuple[str | None, float]:
 def estimate_side(labels: Volume, schema: LabelSchema, *, side: str | None = None, metadata_side: str | None = None,
                   axes: KneeAxes | None = None, points: dict[str, np.ndarray] | None = None) -> SideEstimate:
     """Side from the caller (``side``), else from metadata (``metadata_side``, else the label map's own
-    laterality), else from anatomy."""
-    if side is not None:
-        if side not in ("left", "right"):
-            raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-        return SideEstimate(side, "input", 1.0, {})
-    metadata_side = metadata_side or labels.meta.laterality
-    if metadata_side is not None:
-        return SideEstimate(metadata_side, "metadata", 1.0, {})
+    laterality), else from anatomy. The anatomy is read in every case, so a given side that
+    contradicts it is reported (:attr:`SideEstimate.conflict`)."""
+    if side is not None and side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     points = points if points is not None else bone_point_sets(labels, schema)
     axes = axes if axes is not None else knee_axes(labels, schema, points)
-    if axes is None:
-        return SideEstimate(None, "unknown", 0.5, {})
-    votes = side_votes(axes, points)
-    inferred, confidence = side_from_votes(votes)
-    return SideEstimate(inferred, "anatomy" if inferred else "unknown", confidence, votes)
+    votes = side_votes(axes, points) if axes is not None else {}
+    inferred, confidence = side_from_votes(votes) if votes else (None, 0.5)
+    if side is not None:
+        return SideEstimate(side, "input", 1.0, votes, inferred, confidence)
+    metadata_side = metadata_side or labels.meta.laterality
+    if metadata_side is not None:
+        return SideEstimate(metadata_side, "metadata", 1.0, votes, inferred, confidence)
+    return SideEstimate(inferred, "anatomy" if inferred else "unknown", confidence, votes, inferred, confidence)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from bml_pipeline import __version__
+from bml_pipeline.errors import InputError
 from bml_pipeline.io import atomic_path, write_text_atomic
 from bml_pipeline.report import figures, render
 from bml_pipeline.report.quality import quality_flags
@@ -82,8 +83,12 @@ def write_scan_report(run_dir: str | Path, *, prior_dir: str | Path | None = Non
     started = time.perf_counter()
     run = load_run(run_dir)
     if change_path is not None:
-        run = replace(run, change=read_json(Path(change_path), required=True))
+        change = read_json(Path(change_path), required=True, missing="change file not found")
+        check_change_matches(Path(change_path), change or {}, run)
+        run = replace(run, change=change)
     prior = load_run(prior_dir) if prior_dir is not None else None
+    if prior is not None:
+        check_same_knee(run, prior)
     html = render_scan_report(run, prior, include_identifiers=include_identifiers)
     target = run.run_dir / REPORT_NAME
     write_text_atomic(target, html)
@@ -113,6 +118,35 @@ def write_pdf(html: str, target: Path) -> Path:
     with atomic_path(target) as tmp:
         document.write_pdf(str(tmp))
     return target
+
+
+CHANGE_KEYS = ("same_knee", "bml", "cartilage", "alignment")
+
+
+def _knee_identity(run: RunData) -> dict[str, str]:
+    """What names the knee of a run, where recorded: its side, batch subject and patient id."""
+    found = {"side": run.measurements.get("side"), "subject": run.provenance.get("subject")}
+    found.update({k.lower(): v for k, v in _identifiers(run.provenance) if k.lower().endswith("patientid")})
+    return {k: str(v) for k, v in found.items() if isinstance(v, (str, int)) and str(v)}
+
+
+def check_same_knee(run: RunData, prior: RunData) -> None:
+    """Refuse a prior visit of another knee: side, subject or patient id recorded in both and different."""
+    mine, theirs = _knee_identity(run), _knee_identity(prior)
+    for key in sorted(set(mine) & set(theirs)):
+        if mine[key] != theirs[key]:
+            raise InputError(prior.run_dir, f"prior visit is not the same knee: its {key} is {theirs[key]!r}, "
+                                            f"this run's is {mine[key]!r}")
+
+
+def check_change_matches(path: Path, change: dict[str, Any], run: RunData) -> None:
+    """Refuse a change file that is not a ``bml-pipeline longitudinal`` result for this run's knee."""
+    missing = [k for k in CHANGE_KEYS if not isinstance(change.get(k), dict)]
+    if missing:
+        raise InputError(path, f"not a change.json of `bml-pipeline longitudinal` (missing {', '.join(missing)})")
+    side, own_side = change.get("side"), run.measurements.get("side")
+    if isinstance(side, str) and isinstance(own_side, str) and side != own_side:
+        raise InputError(path, f"change is of a {side} knee, this run is of a {own_side} knee")
 
 
 def render_scan_report(run: RunData, prior: RunData | None = None, *, include_identifiers: bool = False) -> str:

@@ -50,11 +50,12 @@ class RunData:
     notes: tuple[str, ...] = ()
 
 
-def read_json(path: Path, required: bool) -> dict[str, Any] | None:
-    """Parse a JSON object from ``path``; None when absent and not ``required``."""
+def read_json(path: Path, required: bool, missing: str = "file not found (is this a run directory written by "
+                                                             "`bml-pipeline measure`?)") -> dict[str, Any] | None:
+    """Parse a JSON object from ``path``; None when absent and not ``required`` (else ``missing``)."""
     if not path.is_file():
         if required:
-            raise InputError(path, "file not found (is this a run directory written by `bml-pipeline measure`?)")
+            raise InputError(path, missing)
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -83,6 +84,8 @@ def load_run(run_dir: str | Path, *, with_image: bool = True) -> RunData:
 
     labels_path = _find_file(run_dir, LABEL_NAMES, _input_paths(provenance, ("labels", "segmentation")))
     image_path = _find_file(run_dir, IMAGE_NAMES, _input_paths(provenance, ("image",))) if with_image else None
+    for path in (labels_path, image_path):
+        _verify_recorded_checksum(path, provenance)
     thickness_files = sorted(p for p in run_dir.glob("*thickness*.nii*") if p.is_file())
     loaded = _read_volumes({"labels": labels_path, "image": image_path if labels_path else None,
                             **{str(p): p for p in thickness_files}})
@@ -144,6 +147,23 @@ def _dig(data: Any, keys: tuple[str, ...]) -> Any:
     return data
 
 
+def _verify_recorded_checksum(path: Path | None, provenance: dict[str, Any]) -> None:
+    """A reloaded input must be the file the run measured: its SHA-256 must match the one recorded in
+    provenance for that path (files inside the run directory are the run's own outputs)."""
+    from bml_pipeline.provenance import sha256_path
+
+    inputs = provenance.get("inputs")
+    if path is None or not isinstance(inputs, dict):
+        return
+    for entry in inputs.values():
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            continue
+        if Path(entry["path"]).resolve() == path.resolve() and isinstance(entry.get("sha256"), str):
+            if sha256_path(path) != entry["sha256"]:
+                raise InputError(path, "file changed since the run measured it (SHA-256 differs from "
+                                       "provenance.json); measure it again")
+
+
 def _input_paths(provenance: dict[str, Any], kinds: tuple[str, ...]) -> list[Path]:
     """Paths recorded in provenance ``inputs`` (role -> {"path": ...}) under one of ``kinds``."""
     inputs = provenance.get("inputs")
@@ -160,10 +180,10 @@ def _find_file(run_dir: Path, names: tuple[str, ...], recorded: list[Path]) -> P
     for name in names:
         if (run_dir / name).exists():
             return run_dir / name
-    for path in recorded:  # relative paths: as the producing command saw them (its cwd), else from run_dir
-        for candidate in ((path,) if path.is_absolute() else (path, run_dir / path)):
-            if candidate.exists():
-                return candidate
+    for path in recorded:  # absolute since provenance records them so; a relative one is taken from run_dir
+        candidate = path if path.is_absolute() else run_dir / path
+        if candidate.exists():
+            return candidate
     return None
 
 

@@ -9,6 +9,7 @@ medial-lateral flip TTA), probabilities back to the input grid and argmax, lesio
 from __future__ import annotations
 
 import itertools
+import re
 import logging
 import time
 from dataclasses import dataclass, field
@@ -40,8 +41,8 @@ def resolve_device(device: str) -> torch.device:
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise InputError(None, f"unknown device {device!r} (auto, cpu or cuda)")
+    if device not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        raise InputError(None, f"unknown device {device!r} (auto, cpu, cuda or cuda:N)")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(None, "device 'cuda' requested but no CUDA GPU is available")
     return torch.device(device)
