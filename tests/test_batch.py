@@ -101,7 +101,7 @@ def test_failure_isolation(tmp_path: Path) -> None:
         errors = list(csv.reader(fh))
     assert errors[0] == ["subject", "visit", "stage", "error"]
     assert errors[1][:3] == ["s0", "36m", "scan"]
-    assert errors[1][3].startswith(f"{data / 's0_36m.nii.gz'}: not a readable")
+    assert errors[1][3].startswith(f"{data / 's0_36m.nii.gz'}: file is truncated or corrupt")
     assert errors[2] == ["s1", "00m", "scan", f"{data / 's1_00m.nii.gz'}: no bone found (femur label 1 is empty)"]
     assert errors[3] == ["s2", "00m->36m", "change", f"{data / 's2_36m.nii.gz'}: not the same knee"]
     assert len(errors) == 4

@@ -45,8 +45,14 @@ def read_volume(path: str | Path, *, series_uid: str | None = None, canonical: b
         laterality: ``"left"``/``"right"`` to set the side when the file does not say it.
 
     Raises:
-        InputError: missing, empty, corrupt or truncated files, wrong dimensionality, NaN/Inf voxels,
-            zero or negative spacing, folders without DICOM or with several series.
+        InputError: missing, empty, corrupt or truncated files (a ``.nii.gz`` is read to its end, so a
+            gzip CRC32/length mismatch is caught), headers claiming more voxel data than the file holds
+            or than :data:`~bml_pipeline.io.readers.MAX_VOXELS`/``MAX_BYTES`` allow (checked before
+            anything is allocated), wrong dimensionality, NaN/Inf voxels, zero or negative spacing, a
+            degenerate affine (NaN/Inf entries, a zero column, singular, or spacing outside 0.01-50 mm),
+            folders without DICOM or with several series, and DICOM series that are not one evenly
+            spaced stack of at least 2 equal slices (duplicated, missing or unevenly spaced slices;
+            orientation, rows/columns or pixel spacing differing between slices).
     """
     path = Path(path)
     if not path.exists():
