@@ -39,7 +39,7 @@ def test_rotated_knee_on_an_anisotropic_grid_passes(side: str) -> None:
     assert qc.status == "pass", qc.summary()
 
 
-def test_patella_moved_into_the_thigh_fails(knee: Volume) -> None:
+def _patella_in_the_thigh(knee: Volume) -> Volume:
     pad = 90  # room around the knee (the phantom's grid is tight)
     arr = np.pad(np.asarray(knee.array), ((0, 0), (pad, pad), (pad, pad)))
     affine = knee.affine.copy()
@@ -54,7 +54,11 @@ def test_patella_moved_into_the_thigh_fails(knee: Volume) -> None:
     moved[tuple(dst[ok].T)] = arr[tuple(src[ok].T)]
     arr[patella] = 0
     arr[moved > 0] = moved[moved > 0]
-    qc = _qc(Volume(arr, affine))
+    return Volume(arr, affine)
+
+
+def test_patella_moved_into_the_thigh_fails(knee: Volume) -> None:
+    qc = _qc(_patella_in_the_thigh(knee))
     assert qc.status == "fail"
     assert qc.unreliable == ("patella",)
     assert "the patella is not in front of the femoral condyles" in qc.summary()
@@ -89,3 +93,13 @@ def test_bone_in_pieces_and_cut_near_the_joint_fail(knee: Volume) -> None:
     cropped = knee.crop((slice(int(tibia_cols.mean()), None), slice(None), slice(None)))
     qc = _qc(cropped)
     assert "the tibia is cut by the field of view at its left border" in qc.summary()
+
+
+def test_frame_ignores_a_patella_in_the_thigh(knee: Volume) -> None:
+    from bml_pipeline.measure.frame import knee_axes
+
+    good = knee_axes(knee, SCHEMA)
+    moved = knee_axes(_patella_in_the_thigh(knee), SCHEMA)
+    assert good is not None and moved is not None
+    assert good.anterior_source == "patella" and moved.anterior_source != "patella"
+    assert float(np.dot(moved.anterior, [0.0, 1.0, 0.0])) > 0.9  # still anterior, from the femoral shaft

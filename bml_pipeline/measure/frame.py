@@ -8,7 +8,10 @@ The frame has three orthonormal world directions built from the anatomy, so knee
 - ``ml``: the widest direction of the tibial plateau (or, without a tibia, of the femoral condyles),
   made orthogonal to ``superior``;
 - ``anterior``: ``superior x ml``, signed so that the patella (or, without one, the femoral shaft,
-  which sits in front of the posterior-bulging condyles) is in front.
+  which sits in front of the posterior-bulging condyles) is in front. A "patella" farther than
+  :data:`PATELLA_MAX_GAP_MM` from the distal femur (its lowest :data:`DISTAL_FEMUR_MM`), or centred
+  higher than that above the femur's lowest point, is not where a patella can be (a mislabelled blob
+  in the thigh, say) and is not used.
 
 ``ml`` is then fixed as ``anterior x superior``: (ml, anterior, superior) is right-handed, so ``+ml``
 points to the patient's right whenever the affine is a proper RAS frame. For a right knee +ml is
@@ -27,6 +30,8 @@ from bml_pipeline.volume import Volume
 PLATEAU_SLAB_MM = 15.0
 CONDYLE_SLAB_MM = 20.0
 SHAFT_START_MM = 45.0
+PATELLA_MAX_GAP_MM = 20.0
+DISTAL_FEMUR_MM = 65.0
 
 
 @dataclass(frozen=True)
@@ -116,19 +121,29 @@ def bone_point_sets(labels: Volume, schema: LabelSchema, step: int = 2) -> dict[
 def _anterior_cue(femur: np.ndarray, condyles: np.ndarray, patella: np.ndarray | None,
                   superior: np.ndarray) -> tuple[np.ndarray | None, str]:
     """A world vector pointing roughly anterior (orthogonal to ``superior``) and the anatomy it came from."""
-    if patella is not None and len(patella) >= 10:
+    height = femur @ superior
+    bottom = np.percentile(height, 0.5)
+    distal = femur[height < bottom + DISTAL_FEMUR_MM]
+    if (patella is not None and len(patella) >= 10 and float(np.mean(patella @ superior)) < bottom + DISTAL_FEMUR_MM
+            and _gap(patella, distal) <= PATELLA_MAX_GAP_MM):
         v = patella.mean(0) - condyles.mean(0)
         v -= np.dot(v, superior) * superior
         if np.linalg.norm(v) > 5.0:
             return v, "patella"
-    bottom = np.percentile(femur @ superior, 0.5)
-    shaft = femur[femur @ superior > bottom + SHAFT_START_MM]
+    shaft = femur[height > bottom + SHAFT_START_MM]
     if len(shaft) >= 10:
         v = shaft.mean(0) - condyles.mean(0)
         v -= np.dot(v, superior) * superior
         if np.linalg.norm(v) > 2.0:
             return v, "femoral_shaft"
     return None, "world"
+
+
+def _gap(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest distance (mm) between two point clouds."""
+    from scipy.spatial import cKDTree
+
+    return float(cKDTree(b).query(a, k=1)[0].min())
 
 
 def _slab(points: np.ndarray, axis: np.ndarray, *, top: bool, depth: float) -> np.ndarray:
