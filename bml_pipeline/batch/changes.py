@@ -2,13 +2,14 @@
 
 For each subject with several finished visits (natural visit order) the pairs are every consecutive
 pair and, with three or more visits, baseline to last. A pair's outputs go to
-``<out>/<subject>/changes/<baseline>_to_<followup>/`` (``change.json``, ``change.log``, a completion marker
-keyed on both scans' markers, so a resumed batch recomputes a pair only when one of its scans changed).
+``<out>/<subject>/changes/<baseline>_to_<followup>/`` (``change.json``, ``scan.log``, and a completion marker
+keyed on both scans' identities and holding the checksums of ``change.json`` and of the follow-up's
+re-rendered ``report.html``), so a resumed batch redoes a pair when one of its scans changed or when the
+pair stage did not finish or its outputs were lost.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -21,7 +22,15 @@ from typing import Any
 
 from bml_pipeline.batch import store
 from bml_pipeline.batch.manifest import ScanSpec, scan_sort_key
-from bml_pipeline.batch.worker import LOG_NAME, BatchSettings, ScanOutcome, attach_log, detach_log, error_line
+from bml_pipeline.batch.worker import (
+    LOG_NAME,
+    BatchSettings,
+    ScanOutcome,
+    attach_log,
+    detach_log,
+    error_line,
+    plain_text,
+)
 from bml_pipeline.io import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -98,22 +107,40 @@ class PairTask:
     def failed(self, reason: str) -> ScanOutcome:
         return ScanOutcome(*self.key, "failed", None, reason)
 
+    @property
+    def renders_report(self) -> bool:
+        """Whether this pair re-renders the follow-up's ``report.html`` (consecutive pairs, reports on)."""
+        return self.settings.report and self.consecutive
+
+    def cleanup(self) -> None:
+        """Remove what an interrupted run of this job left half-written (temporary files of atomic
+        writes); its completion marker is written last, so the pair is redone on resume."""
+        store.remove_partial(self.pair_dir)
+        if self.renders_report:
+            store.remove_partial(self.followup.run_dir(self.out))
+
     def execute(self, device: str | None = None) -> ScanOutcome:
-        """Compare the two visits (or reuse a finished comparison of the same scans); never raises."""
+        """Compare the two visits and re-render the follow-up's report (or reuse a finished pair stage of
+        the same scans whose outputs are intact); never raises.
+
+        The pair's marker is written last and records the checksums of ``change.json`` and of the
+        follow-up report it rendered, so a pair stage killed before its end, or whose outputs were lost
+        or overwritten since (the follow-up scan recomputed), is redone on resume.
+        """
         start = time.perf_counter()
         base_dir, foll_dir = self.baseline.run_dir(self.out), self.followup.run_dir(self.out)
         try:
-            inputs = {"baseline": _marker_digest(base_dir), "followup": _marker_digest(foll_dir)}
+            inputs = {"baseline": store.scan_identity(base_dir), "followup": store.scan_identity(foll_dir)}
         except OSError as exc:
             return self.failed(f"{exc.filename}: scan not finished ({exc.strerror})")
-        digest = store.settings_digest({"schema": self.settings.schema})
+        digest = store.settings_digest({"schema": self.settings.schema, "followup_report": self.renders_report})
         if self.resume:
             row = store.finished_row(self.pair_dir, inputs, digest)
             if row is not None:
-                report_error = self._followup_report(base_dir, foll_dir, only_if_stale=True)
-                return ScanOutcome(*self.key, "skipped", row, report_error, time.perf_counter() - start)
+                return ScanOutcome(*self.key, "skipped", row, None, time.perf_counter() - start)
         self.pair_dir.mkdir(parents=True, exist_ok=True)
         store.clear_marker(self.pair_dir)
+        self.cleanup()  # left by a run killed mid-write
         handler = attach_log(self.pair_dir / LOG_NAME)
         try:
             log.info("change %s %s", *self.key)
@@ -121,36 +148,32 @@ class PairTask:
                                                        self.settings)
             write_text_atomic(self.pair_dir / "change.json", json.dumps(change, indent=2, sort_keys=True) + "\n")
             row = change_table_row(change, self.baseline.subject, self.baseline.visit, self.followup.visit)
-            store.write_marker(self.pair_dir, inputs, digest, row)
-            report_error = self._followup_report(base_dir, foll_dir)
-            return ScanOutcome(*self.key, "done", row, report_error, time.perf_counter() - start)
+            outputs = [self.pair_dir / "change.json"]
+            report_error = self._followup_report(base_dir, foll_dir) if self.renders_report else None
+            if report_error is not None:  # the change stands; no marker, so a resume retries the report
+                return ScanOutcome(*self.key, "done", row, report_error, time.perf_counter() - start)
+            if self.renders_report:
+                report = foll_dir / "report.html"
+                store.update_outputs(foll_dir, store.output_checksums(foll_dir, [report]))
+                outputs.append(report)
+            store.write_marker(self.pair_dir, inputs, digest, row, store.output_checksums(self.pair_dir, outputs))
+            return ScanOutcome(*self.key, "done", row, None, time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - a failed pair is recorded, the batch goes on
-            log.error("change %s %s failed: %s\n%s", *self.key, exc, traceback.format_exc())
+            log.error("change %s %s failed: %s\n%s", *self.key, error_line(exc), plain_text(traceback.format_exc()))
             (self.pair_dir / "change.json").unlink(missing_ok=True)
             return ScanOutcome(*self.key, "failed", None, error_line(exc), time.perf_counter() - start)
         finally:
             detach_log(handler)
 
-
-    def _followup_report(self, base_dir: Path, foll_dir: Path, only_if_stale: bool = False) -> str | None:
-        """Re-render the follow-up's ``report.html`` with the prior visit and this change (consecutive
-        pairs, reports on). ``only_if_stale``: only when the report is newer than this pair's marker (the
-        follow-up scan was rewritten). Returns a one-line error, or None."""
-        report = foll_dir / "report.html"
-        if not (self.settings.report and self.consecutive) or (
-                only_if_stale and report.exists()
-                and report.stat().st_mtime_ns <= (self.pair_dir / store.MARKER_NAME).stat().st_mtime_ns):
-            return None
+    def _followup_report(self, base_dir: Path, foll_dir: Path) -> str | None:
+        """Re-render the follow-up's ``report.html`` with the prior visit and this change. Returns a
+        one-line error, or None."""
         from bml_pipeline.report import write_scan_report
 
         try:
             write_scan_report(foll_dir, prior_dir=base_dir, change_path=self.pair_dir / "change.json")
         except Exception as exc:  # noqa: BLE001 - the change stands; the report failure is recorded
-            log.error("report of %s with its prior visit failed: %s\n%s", foll_dir, exc, traceback.format_exc())
+            log.error("report of %s with its prior visit failed: %s\n%s", foll_dir, error_line(exc),
+                      plain_text(traceback.format_exc()))
             return f"follow-up report: {error_line(exc)}"
         return None
-
-
-def _marker_digest(run_dir: Path) -> str:
-    """Digest of a finished scan's completion marker (its inputs, settings and results)."""
-    return hashlib.sha256((run_dir / store.MARKER_NAME).read_bytes()).hexdigest()[:16]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bml_pipeline.batch.manifest import visit_sort_key
+from bml_pipeline.batch.worker import one_line
 from bml_pipeline.io import atomic_path, write_text_atomic
 
 ERROR_COLUMNS = ("subject", "visit", "stage", "error")
@@ -61,7 +62,9 @@ def write_changes(out: Path, rows: Iterable[dict[str, Any]]) -> Any:
 
 def write_errors(out: Path, failures: Sequence[tuple[str, str, str, str]]) -> Any:
     """Write ``errors.csv`` (header always present): ``subject, visit, stage, error`` per failed scan
-    (stage ``scan``) or visit pair (stage ``change``, visit ``<baseline>-><followup>``); returns the table."""
-    table = frame([dict(zip(ERROR_COLUMNS, f)) for f in failures], ("subject", "visit"), ERROR_COLUMNS)
+    (stage ``scan``) or visit pair (stage ``change``, visit ``<baseline>-><followup>``); each error on
+    one line with numbers written plainly (no ``np.float64(...)``); returns the table."""
+    rows = [dict(zip(ERROR_COLUMNS, (*f[:3], one_line(str(f[3]), limit=10_000)))) for f in failures]
+    table = frame(rows, ("subject", "visit"), ERROR_COLUMNS)
     _write_csv(out / "errors.csv", table)
     return table

@@ -7,6 +7,13 @@ results as they finish.
 Both yield ``(task, outcome)`` pairs in completion order and turn a dead worker into a failed outcome
 instead of stopping the batch. Each worker limits BLAS/OpenMP/torch threads (``threads_per_worker``)
 so N workers do not oversubscribe the cores, and keeps one loaded segmentation model per process.
+
+Interrupted (an exception in the caller, e.g. :class:`~bml_pipeline.batch.interrupt.BatchInterrupted`
+on SIGINT/SIGTERM, while a run is in progress or the executor's context is left with an exception),
+an executor stops at once: queued jobs are cancelled, the local worker processes are terminated (killed
+after a short grace period), a LocalCluster is closed; finished jobs are kept. Local workers ignore
+SIGINT (a Ctrl-C reaches the whole process group; the batch process stops them itself) and exit by
+themselves when the batch process is gone.
 """
 
 from __future__ import annotations
@@ -14,17 +21,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
-from bml_pipeline.batch.worker import Job, ScanOutcome
+from bml_pipeline.batch.interrupt import stop_processes
+from bml_pipeline.batch.worker import Job, ScanOutcome, error_line
 
 log = logging.getLogger(__name__)
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
 WORKER_DIED = "worker process died while processing this scan (killed or out of memory?)"
+TERMINATE_GRACE_S = 3.0
+"""Seconds an interrupted batch gives its worker processes to exit on SIGTERM before killing them."""
+CLOSE_TIMEOUT_S = 10
+"""Seconds allowed to close a Dask client or LocalCluster."""
 
 
 class Executor(Protocol):
@@ -60,9 +75,13 @@ _process_device: str | None = None
 _started: Any = None  # queue of (subject, visit) keys of scans this process starts
 
 
-def _init_local_worker(threads: int, devices: tuple[str, ...], counter: Any, started: Any) -> None:
-    """Pool initializer: cap torch threads, take the next device in turn, keep the start queue."""
+def _init_local_worker(threads: int, devices: tuple[str, ...], counter: Any, started: Any,
+                       parent: int) -> None:
+    """Pool initializer: ignore SIGINT, exit with the batch process, cap torch threads, take the next
+    device in turn, keep the start queue."""
     global _process_device, _started
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the batch process decides and stops its workers
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="bml-parent-watch", daemon=True).start()
     _started = started
     with counter.get_lock():
         index = counter.value
@@ -72,6 +91,16 @@ def _init_local_worker(threads: int, devices: tuple[str, ...], counter: Any, sta
 
     if "torch" in sys.modules:  # only when the pipeline already needed it; never import it for nothing
         sys.modules["torch"].set_num_threads(threads)
+
+
+def _exit_with_parent(parent: int, interval_s: float = 0.5) -> None:
+    """Worker thread: end this worker process when the batch process is gone (killed with SIGKILL, say),
+    so that no orphaned worker goes on processing or idles holding memory. Jobs write atomically and
+    their completion marker last, so exiting at any point leaves nothing that looks finished."""
+    while True:
+        time.sleep(interval_s)
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 def _run_local(task: Job) -> ScanOutcome:
@@ -108,7 +137,7 @@ class _Pool:
         self.finished: set[tuple[str, str]] = set()
         self.executor = ProcessPoolExecutor(
             max_workers=workers, mp_context=context, initializer=_init_local_worker,
-            initargs=(threads, devices, context.Value("i", 0), self.started))
+            initargs=(threads, devices, context.Value("i", 0), self.started, os.getpid()))
 
     def submit_all(self, batch: Sequence[Job]) -> dict[Any, Job]:
         with _environ(thread_env(self.threads)):  # inherited by the workers spawned here
@@ -124,6 +153,17 @@ class _Pool:
     def close(self, cancel: bool = False) -> None:
         self.executor.shutdown(wait=True, cancel_futures=cancel)
 
+    def terminate(self, grace_s: float = TERMINATE_GRACE_S) -> None:
+        """Stop now: cancel queued jobs, SIGTERM the worker processes, SIGKILL those still alive after
+        ``grace_s``, and wait for the pool's manager thread to end."""
+        executor = self.executor
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        manager = getattr(executor, "_executor_manager_thread", None)
+        executor.shutdown(wait=False, cancel_futures=True)
+        stop_processes(processes, grace_s)
+        if manager is not None and manager.is_alive():
+            manager.join(grace_s)
+
 
 class LocalExecutor:
     """A pool of ``workers`` processes on this machine (spawn start method: safe with threads and CUDA).
@@ -135,6 +175,9 @@ class LocalExecutor:
     A worker that dies (killed, out of memory, crash in native code) breaks the pool. When one job was
     running then, it is recorded as failed; when several were, they are rerun one at a time so that only
     the job that kills its worker fails. Jobs not started yet go to a fresh pool.
+
+    An exception in the caller while a run is in progress (or on leaving the context) terminates every
+    worker process at once (:meth:`terminate`): queued jobs are dropped, running ones are killed.
     """
 
     def __init__(self, workers: int = 1, threads_per_worker: int = 1) -> None:
@@ -144,16 +187,35 @@ class LocalExecutor:
         self.threads_per_worker = threads_per_worker
         self._keep = False
         self._pool: _Pool | None = None
+        self._pools: list[_Pool] = []  # every pool not closed yet (the shared one, an isolation pool)
 
     def __enter__(self) -> LocalExecutor:  # noqa: PYI034
         self._keep = True
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object = None, *exc: object) -> None:
         self._keep = False
-        if self._pool is not None:
-            self._pool.close(cancel=True)
-            self._pool = None
+        if exc_type is not None:
+            self.terminate()
+        elif self._pool is not None:
+            self._close(self._pool)
+        self._pool = None
+
+    def terminate(self) -> None:
+        """Cancel queued jobs and terminate every worker process now (interrupted batch)."""
+        pools, self._pools, self._pool = self._pools, [], None
+        for pool in pools:
+            pool.terminate()
+
+    def _new_pool(self, workers: int, devices: tuple[str, ...]) -> _Pool:
+        pool = _Pool(workers, self.threads_per_worker, devices)
+        self._pools.append(pool)
+        return pool
+
+    def _close(self, pool: _Pool, cancel: bool = False) -> None:
+        pool.close(cancel=cancel)
+        with contextlib.suppress(ValueError):
+            self._pools.remove(pool)
 
     def run(self, tasks: Sequence[Job]) -> Iterator[tuple[Job, ScanOutcome]]:
         if self.workers == 0:
@@ -167,23 +229,22 @@ class LocalExecutor:
                 isolated = bool(suspects)
                 if isolated:  # one process, so a crash names its job
                     batch, suspects = suspects, []
-                    pool = _Pool(1, self.threads_per_worker, parse_devices(_device_of(batch[0])))
+                    pool = self._new_pool(1, parse_devices(_device_of(batch[0])))
                 else:
                     batch, queue = queue, []
                     if self._pool is None:
-                        self._pool = _Pool(self.workers, self.threads_per_worker,
-                                           parse_devices(_device_of(batch[0])))
+                        self._pool = self._new_pool(self.workers, parse_devices(_device_of(batch[0])))
                     pool = self._pool
                 broken: list[Job] = []
                 yield from self._run_pool(pool, batch, broken)
                 if isolated:
-                    pool.close()
+                    self._close(pool)
                 if not broken:
                     continue
                 running = pool.running()
                 if not isolated:
                     self._pool = None
-                pool.close()
+                self._close(pool)
                 if not running:
                     for task in broken:
                         yield task, task.failed("worker process could not start")
@@ -196,13 +257,11 @@ class LocalExecutor:
                         suspects.append(task)
                     else:
                         queue.append(task)
-        except BaseException:  # interrupted: drop queued jobs instead of waiting for them
-            if self._pool is not None:
-                self._pool.close(cancel=True)
-                self._pool = None
+        except BaseException:  # interrupted: drop queued jobs and stop the workers instead of waiting
+            self.terminate()
             raise
         if not self._keep and self._pool is not None:
-            self._pool.close()
+            self._close(self._pool)
             self._pool = None
 
     @staticmethod
@@ -220,7 +279,7 @@ class LocalExecutor:
                 broken.append(task)
                 continue
             except Exception as exc:  # noqa: BLE001 - e.g. an outcome that cannot be unpickled
-                outcome = task.failed(f"{type(exc).__name__}: {exc}")
+                outcome = task.failed(error_line(exc))
             pool.finished.add(task.key)
             yield task, outcome
 
@@ -239,6 +298,9 @@ class DaskExecutor:
             started with ``--resources GPU=1`` (one per GPU); measure-only scans run anywhere.
 
     Used as a context manager, the client (and LocalCluster) stays up between :meth:`run` calls.
+    Interrupted, it cancels the batch's futures (a task already running on a remote worker may still
+    finish: its outputs are complete, with their marker, or absent) and closes the client and the
+    LocalCluster (best effort, at most :data:`CLOSE_TIMEOUT_S` each).
     """
 
     def __init__(self, scheduler: str | None = None, workers: int = 1, threads_per_worker: int = 1,
@@ -266,15 +328,22 @@ class DaskExecutor:
 
         if self.scheduler is None:
             resources = {"GPU": 1} if self.gpu else None
-            with LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
-                              dashboard_address=None, env=thread_env(self.threads_per_worker),
-                              resources=resources) as cluster, Client(cluster) as client:
-                yield client
+            cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, env=thread_env(self.threads_per_worker),
+                                   resources=resources)
+            try:
+                with _closing_client(Client(cluster)) as client:
+                    yield client
+            finally:
+                try:
+                    cluster.close(timeout=CLOSE_TIMEOUT_S)
+                except Exception as exc:  # noqa: BLE001 - best effort; the caller stops leftover processes
+                    log.warning("closing the local Dask cluster failed: %s", error_line(exc))
         elif self.scheduler.endswith(".json"):
-            with Client(scheduler_file=self.scheduler) as client:
+            with _closing_client(Client(scheduler_file=self.scheduler)) as client:
                 yield client
         else:
-            with Client(self.scheduler) as client:
+            with _closing_client(Client(self.scheduler)) as client:
                 yield client
 
     def run(self, tasks: Sequence[Job]) -> Iterator[tuple[Job, ScanOutcome]]:
@@ -298,11 +367,28 @@ class DaskExecutor:
                 resources = {"GPU": 1} if self.gpu and task.model is not None else None
                 key = f"bml-{'-'.join(task.key)}-{batch_id}"
                 futures[client.submit(run_task_on_worker, task, key=key, resources=resources, pure=False)] = task
-            for future in as_completed(futures):
-                task = futures[future]
-                try:
-                    outcome = future.result()
-                except Exception as exc:  # noqa: BLE001 - KilledWorker, lost connection ...
-                    outcome = task.failed(f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
-                future.release()
-                yield task, outcome
+            try:
+                for future in as_completed(futures):
+                    task = futures[future]
+                    try:
+                        outcome = future.result()
+                    except Exception as exc:  # noqa: BLE001 - KilledWorker, lost connection ...
+                        outcome = task.failed(error_line(exc))
+                    future.release()
+                    yield task, outcome
+            except BaseException:  # interrupted: cancel what is queued or running, then close (stack)
+                with contextlib.suppress(Exception):
+                    client.cancel(list(futures), force=True)
+                raise
+
+
+@contextlib.contextmanager
+def _closing_client(client: Any) -> Iterator[Any]:
+    """``client``, closed on exit within :data:`CLOSE_TIMEOUT_S` (best effort)."""
+    try:
+        yield client
+    finally:
+        try:
+            client.close(timeout=CLOSE_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - best effort
+            log.warning("closing the Dask client failed: %s", error_line(exc))

@@ -3,6 +3,10 @@
 :func:`run_batch` maps the per-scan job over the scans (skipping finished ones when resuming), then the
 change job over visit pairs, records failures without stopping, and writes the cohort tables, statistics
 and report at the output folder. Exit status: 0 all done, 3 done with failures (see :mod:`bml_pipeline.cli`).
+
+An exception while jobs run (:class:`~bml_pipeline.batch.interrupt.BatchInterrupted` on SIGINT/SIGTERM)
+stops the executor's workers, removes the temporary files of the unfinished jobs and propagates; no
+cohort table is written then, and ``resume=True`` later picks up where the batch stopped.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,14 @@ from bml_pipeline.batch.changes import PairFunction, PairTask, visit_pairs
 from bml_pipeline.batch.cohort import write_changes, write_cohort_tables, write_errors
 from bml_pipeline.batch.executors import Executor
 from bml_pipeline.batch.manifest import ScanSpec
-from bml_pipeline.batch.worker import BatchSettings, ScanFunction, ScanOutcome, ScanTask, error_line
+from bml_pipeline.batch.worker import (
+    BatchSettings,
+    ScanFunction,
+    ScanOutcome,
+    ScanTask,
+    error_line,
+    one_line,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,27 +95,36 @@ def run_batch(
     summary = BatchSummary(total=len(scans))
 
     scan_rows, finished, change_rows = [], [], []
-    with executor:  # workers stay up from the scans to the pairs
-        tasks = [ScanTask(spec, spec.run_dir(out), settings, resume, scan_fn) for spec in scans]
-        if on_stage is not None:
-            on_stage("scans", len(tasks))
-        for task, outcome in executor.run(tasks):
-            if _record(summary, outcome, "scan", on_outcome):
-                scan_rows.append(outcome.row or {})
-                finished.append(task.spec)
-                summary.done += outcome.status == "done"
-                summary.skipped += outcome.status == "skipped"
-        cohort = write_cohort_tables(out, scan_rows)
+    unfinished: dict[tuple[str, str], Any] = {}  # jobs handed to the executor without an outcome yet
+    try:
+        with executor:  # workers stay up from the scans to the pairs
+            tasks = [ScanTask(spec, spec.run_dir(out), settings, resume, scan_fn) for spec in scans]
+            if on_stage is not None:
+                on_stage("scans", len(tasks))
+            unfinished.update((t.key, t) for t in tasks)
+            for task, outcome in executor.run(tasks):
+                unfinished.pop(task.key, None)
+                if _record(summary, outcome, "scan", on_outcome):
+                    scan_rows.append(outcome.row or {})
+                    finished.append(task.spec)
+                    summary.done += outcome.status == "done"
+                    summary.skipped += outcome.status == "skipped"
+            cohort = write_cohort_tables(out, scan_rows)
 
-        pairs = [PairTask(a, b, out, settings, resume, pair_fn, consecutive=consecutive)
-                 for a, b, consecutive in visit_pairs(finished)]
-        if on_stage is not None and pairs:
-            on_stage("visit pairs", len(pairs))
-        for _task, outcome in executor.run(pairs):
-            if _record(summary, outcome, "change", on_outcome):
-                change_rows.append(outcome.row or {})
-                summary.pairs_done += outcome.status == "done"
-                summary.pairs_skipped += outcome.status == "skipped"
+            pairs = [PairTask(a, b, out, settings, resume, pair_fn, consecutive=consecutive)
+                     for a, b, consecutive in visit_pairs(finished)]
+            if on_stage is not None and pairs:
+                on_stage("visit pairs", len(pairs))
+            unfinished.update((t.key, t) for t in pairs)
+            for task, outcome in executor.run(pairs):
+                unfinished.pop(task.key, None)
+                if _record(summary, outcome, "change", on_outcome):
+                    change_rows.append(outcome.row or {})
+                    summary.pairs_done += outcome.status == "done"
+                    summary.pairs_skipped += outcome.status == "skipped"
+    except BaseException:  # interrupted (SIGINT/SIGTERM): the executor has stopped its workers
+        _remove_partial(unfinished.values())
+        raise
     changes = write_changes(out, change_rows)
     stats = write_cohort_stats(out, changes)
     errors = write_errors(out, summary.failures)
@@ -123,9 +143,21 @@ def run_batch(
     return summary
 
 
+def _remove_partial(jobs: Any) -> None:
+    """Remove the temporary files that jobs stopped mid-write left (best effort); their completion
+    markers are missing, so a resume recomputes them."""
+    for job in jobs:
+        try:
+            job.cleanup()
+        except Exception as exc:  # noqa: BLE001 - never hide the interruption behind a clean-up error
+            log.debug("clean-up of %s failed: %s", job.key, exc)
+
+
 def _record(summary: BatchSummary, outcome: ScanOutcome, stage: str,
             on_outcome: Callable[[ScanOutcome], None] | None) -> bool:
     """Count a failure and call the progress hook; True when the outcome has a row."""
+    if outcome.error:  # whatever produced it: one line, numbers written plainly
+        outcome = replace(outcome, error=one_line(outcome.error))
     if on_outcome is not None:
         on_outcome(outcome)
     if outcome.status == "failed":

@@ -3,12 +3,16 @@
 :func:`run_task` never raises for a failing scan: the failure comes back as a :class:`ScanOutcome` with
 a one-line reason, so one bad scan never stops a batch. It runs in worker processes (local pool or Dask),
 so everything it receives and returns is picklable.
+
+A finished scan's marker records the SHA-256 of every file the scan wrote, so a resumed batch recomputes
+a scan whose outputs were deleted or changed since (:func:`bml_pipeline.batch.store.finished_row`).
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import re
 import threading
 import time
 import traceback
@@ -87,6 +91,9 @@ class Job(Protocol):
     def failed(self, reason: str) -> ScanOutcome:
         """The outcome recorded when the job's worker died."""
 
+    def cleanup(self) -> None:
+        """Remove what the job left half-written when it was stopped (called after an interruption)."""
+
 
 @dataclass(frozen=True)
 class ScanTask:
@@ -113,6 +120,11 @@ class ScanTask:
 
     def failed(self, reason: str) -> ScanOutcome:
         return ScanOutcome(self.spec.subject, self.spec.visit, "failed", None, reason)
+
+    def cleanup(self) -> None:
+        """Remove what an interrupted run of this job left half-written (temporary files of atomic
+        writes); its completion marker is written last, so the scan is recomputed on resume."""
+        store.remove_partial(self.run_dir)
 
 
 def pipeline_scan(spec: ScanSpec, run_dir: Path, settings: BatchSettings,
@@ -165,6 +177,8 @@ def run_task(task: ScanTask) -> ScanOutcome:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     store.clear_marker(run_dir)
+    store.remove_partial(run_dir)  # left by a run killed mid-write
+    before = store.snapshot(run_dir)
     handler = attach_log(run_dir / LOG_NAME)
     try:
         log.info("scan %s %s: image=%s labels=%s side=%s", spec.subject, spec.visit, spec.image, spec.labels,
@@ -172,12 +186,14 @@ def run_task(task: ScanTask) -> ScanOutcome:
         provenance = {"batch": {"subject": spec.subject, "visit": spec.visit, **asdict(task.settings)}}
         scan_fn = task.scan_fn or pipeline_scan
         row = {"subject": spec.subject, "visit": spec.visit, **scan_fn(spec, run_dir, task.settings, provenance)}
-        store.write_marker(run_dir, checksums, digest, row)
+        outputs = store.output_checksums(run_dir, store.written_since(run_dir, before, exclude=(LOG_NAME,)))
+        store.write_marker(run_dir, checksums, digest, row, outputs)
         log.info("scan %s %s finished in %.2f s", spec.subject, spec.visit, time.perf_counter() - start)
         return ScanOutcome(spec.subject, spec.visit, "done", row, None, time.perf_counter() - start,
                            time.process_time() - cpu_start)
     except Exception as exc:  # noqa: BLE001 - every failure of one scan is recorded, the batch goes on
-        log.error("scan %s %s failed: %s\n%s", spec.subject, spec.visit, exc, traceback.format_exc())
+        log.error("scan %s %s failed: %s\n%s", spec.subject, spec.visit, error_line(exc),
+                  plain_text(traceback.format_exc()))
         for name in SCAN_OUTPUTS:
             (run_dir / name).unlink(missing_ok=True)
         for path in run_dir.glob("thickness_*.nii.gz"):
@@ -188,14 +204,32 @@ def run_task(task: ScanTask) -> ScanOutcome:
 
 
 def error_line(exc: BaseException) -> str:
-    """A one-line reason for a failure: the message of an InputError, else ``Type: message``."""
+    """A one-line reason for a failure: the message of an InputError, else ``Type: message``; numbers
+    written plainly (:func:`plain_text`)."""
     text = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
-    text = " ".join(text.split())
-    return text if len(text) <= 300 else text[:297] + "..."
+    return one_line(text)
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line, numbers written plainly, at most ``limit`` characters."""
+    text = plain_text(" ".join(text.split()))
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# numpy >= 2 scalar reprs inside messages: np.float64(0.0), np.int64(3), np.str_('a'), np.True_ ...
+_NUMPY_SCALAR = re.compile(r"\b(?:np|numpy)\.(?:float|int|uint|complex|longdouble|double|single|half|longlong|"
+                           r"ulonglong|intc|uintc|short|ushort|byte|ubyte|str_|bytes_|bool_?)\w*\(([^()]*)\)")
+_NUMPY_BOOL = re.compile(r"\b(?:np|numpy)\.(True|False)_")
+
+
+def plain_text(text: str) -> str:
+    """``text`` with numpy scalar reprs (``np.float64(0.0)``, ``np.True_``) replaced by their plain
+    values (``0.0``, ``True``), as messages made from containers of numpy numbers show them."""
+    return _NUMPY_BOOL.sub(r"\1", _NUMPY_SCALAR.sub(r"\1", text))
 
 
 def _failed(spec: ScanSpec, reason: str, start: float) -> ScanOutcome:
-    return ScanOutcome(spec.subject, spec.visit, "failed", None, reason, time.perf_counter() - start)
+    return ScanOutcome(spec.subject, spec.visit, "failed", None, one_line(reason), time.perf_counter() - start)
 
 
 def attach_log(path: Path) -> logging.Handler:

@@ -33,7 +33,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads-per-worker", type=int, default=1,
                         help="BLAS/OpenMP/torch threads per worker (default 1)")
     parser.add_argument("--resume", action="store_true",
-                        help="skip scans already finished with unchanged inputs; recompute the rest")
+                        help="skip scans and visit pairs already finished with unchanged inputs and intact "
+                             "outputs (SHA-256 checked); recompute the rest")
     parser.add_argument("--model", help="segmentation model for rows without labels")
     parser.add_argument("--device", default="auto",
                         help="torch device for segmentation (auto, cpu, cuda, cuda:N); a list (cuda:0,cuda:1) is "
