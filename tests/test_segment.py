@@ -264,3 +264,45 @@ def test_hostile_embedded_config_refused_before_building(tmp_path: Path, change:
     with pytest.raises(InputError) as err:
         load_weights(path)
     assert str(path) in str(err.value) and problem in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cascade_fine_model_runs_on_the_coarse_box_and_returns_input_grid_labels(tmp_path: Path) -> None:
+    """A fine model (image + coarse probabilities) after its coarse model: labels on the input grid with
+    its affine (oblique), deterministic, and nothing outside the fine box."""
+    import torch
+
+    from bml_pipeline.segment.network import build_network
+
+    torch.manual_seed(2)
+    coarse_cfg = dataclasses.replace(TINY, name="tiny_coarse", num_classes=7, working_spacing_mm=3.0)
+    coarse_path = tmp_path / "coarse.safetensors"
+    coarse_net = build_network(coarse_cfg)
+    with torch.no_grad():  # a coarse model that calls everything femur: the box is then the whole image
+        coarse_net.model[-1].conv.bias[:] = torch.tensor([0.0, 5.0, 0, 0, 0, 0, 0])
+    save_weights(coarse_path, coarse_net, coarse_cfg)
+    fine_cfg = dataclasses.replace(TINY, name="tiny_fine", prior_classes=7, coarse_model=str(coarse_path),
+                                   working_spacing_mm=1.5, crop_margin_mm=3.0)
+    fine_path = tmp_path / "fine.safetensors"
+    save_weights(fine_path, build_network(fine_cfg), fine_cfg)
+    predictor = Predictor.load(fine_path, device="cpu")
+    assert predictor.coarse is not None and predictor.coarse.config.num_classes == 7
+    image = _knee_like_image((20, 24, 22), _oblique_affine((1.1, 0.9, 1.3), 20.0))
+    first = predictor.segment(image)
+    second = predictor.segment(image)
+    assert first.shape == image.shape and np.array_equal(first.affine, image.affine)
+    assert np.array_equal(first.array, second.array)
+    assert set(np.unique(first.array)) <= set(range(10))
+    assert "coarse" in predictor.timings and predictor.provenance["coarse"]["model_id"] == "tiny_coarse"
+
+
+def test_fine_model_without_its_coarse_model_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    from bml_pipeline.segment.network import build_network
+
+    torch.manual_seed(2)
+    fine_cfg = dataclasses.replace(TINY, name="tiny_fine", prior_classes=7, coarse_model="no_such_model")
+    path = tmp_path / "fine.safetensors"
+    save_weights(path, build_network(fine_cfg), fine_cfg)
+    with pytest.raises(InputError, match="no_such_model: no shipped model of this name"):
+        Predictor.load(path, device="cpu")

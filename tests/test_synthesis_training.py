@@ -94,3 +94,30 @@ def test_learning_rate_warms_up_then_decays() -> None:
     assert learning_rate(1000, cfg) == pytest.approx(1e-5)
     # A resume from committed weights warms up again from its step.
     assert learning_rate(500, cfg, warmup_from=500) < learning_rate(599, cfg, warmup_from=500)
+
+
+def test_fine_samples_centre_on_surfaces_carry_a_prior_and_can_hold_painted_lesions() -> None:
+    from bml_pipeline.segment.synthesis import FULL_CLASSES, SampleGenerator, SamplingOptions, generation_map
+
+    gen_map = generation_map(_knee_like(), 0.0)  # the map's own anisotropic grid
+    assert gen_map.shape == _knee_like().shape
+    opts = SamplingOptions(spacing_mm=0.7, shape=(24, 24, 24), focus="surface", shift_mm=2.0, rotation_deg=0.0,
+                           elastic_mm=0.0, fov_cut=0.0, synthetic_lesions=1.0, prior_classes=7)
+    sampler = SampleGenerator([gen_map], FULL_CLASSES, opts)
+    g = torch.Generator()
+    lesion_seen = False
+    for seed in range(4):
+        g.manual_seed(seed)
+        image, target = sampler.sample(g)
+        assert image.shape == (8, 24, 24, 24) and target.shape == (10, 24, 24, 24)
+        prior = image[1:]
+        assert torch.allclose(prior.sum(0), torch.ones(()), atol=1e-4) and float(prior.min()) >= 0
+        labels = target.argmax(0)
+        # Centred within 2 mm (+ a voxel) of cartilage or cortex: a 24-voxel crop holds bone or cartilage.
+        assert bool(((labels > 0) & (labels < 7)).any())
+        # The prior follows the target: where the target is femur, the prior's femur channel leads.
+        femur = (labels == 1)
+        if bool(femur.any()):
+            assert float(prior[1][femur].mean()) > 0.5
+        lesion_seen |= bool((labels >= 7).any())
+    assert lesion_seen

@@ -67,6 +67,13 @@ class ModelConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     bml_refine: BmlRefineConfig = field(default_factory=BmlRefineConfig)
+    prior_classes: int = 0
+    """Fine stage of a cascade: the input has this many more channels, the coarse stage's class
+    probabilities on the working grid (0: a single-stage or coarse model)."""
+    coarse_model: str = ""
+    """Fine stage: the shipped coarse model it runs after (by name)."""
+    crop_margin_mm: float = 12.0
+    """Fine stage: it runs on the box of the coarse stage's foreground plus this margin."""
 
     def to_json(self) -> str:
         """Canonical JSON of this config (sorted keys)."""
@@ -101,6 +108,10 @@ class TrainingConfig:
     supersample: int = 1
     targets: str = "coarse"
     """"coarse": bones (lesions merged) and plates, 7 classes; "full": all 10 oai_zib labels."""
+    focus: str = "centre"
+    """"centre": whole-knee samples; "surface": crops centred on cartilage, lesions and bone surfaces."""
+    synthetic_lesions: float = 0.0
+    """Probability of painting a random subchondral lesion into a sample."""
     learning_rate: float = 1e-3
     min_learning_rate: float = 1e-5
     warmup_steps: int = 300
@@ -136,6 +147,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "bml_refine.k_sd": (0.0, 20.0),
     "bml_refine.erode_mm": (0.0, 20.0),
     "bml_refine.min_component_mm3": (0.0, 1e6),
+    "prior_classes": (0, 64),
+    "crop_margin_mm": (0.0, 100.0),
 }
 MAX_NETWORK_LEVELS = 7
 MAX_ROI_VOXELS = 256**3
@@ -159,6 +172,7 @@ def _check_bounds(config: ModelConfig, source: str | Path | None) -> None:
     net, inf = config.network, config.inference
     for name, value in (("num_classes", config.num_classes), ("network.num_res_units", net.num_res_units),
                         ("inference.sw_batch_size", inf.sw_batch_size), ("inference.slab_voxels", inf.slab_voxels),
+                        ("prior_classes", config.prior_classes),
                         *(("network.channels", c) for c in net.channels), *(("network.strides", c) for c in net.strides),
                         *(("inference.roi_size", c) for c in inf.roi_size)):
         if not isinstance(value, int):
@@ -172,8 +186,10 @@ def _check_bounds(config: ModelConfig, source: str | Path | None) -> None:
         fail(f"inference.roi_size must be 3 sizes of at most {MAX_ROI_VOXELS} voxels in all, got {inf.roi_size}")
     if len(inf.percentiles) != 2 or not inf.percentiles[0] < inf.percentiles[1]:
         fail(f"inference.percentiles must be (low, high) with low < high, got {inf.percentiles}")
-    if not isinstance(config.name, str) or not isinstance(config.schema, str):
-        fail("name and schema must be text")
+    if not isinstance(config.name, str) or not isinstance(config.schema, str) or not isinstance(config.coarse_model, str):
+        fail("name, schema and coarse_model must be text")
+    if config.prior_classes and not config.coarse_model:
+        fail("a model with prior_classes needs coarse_model")
 
 
 _NESTED = {"network": NetworkConfig, "inference": InferenceConfig, "bml_refine": BmlRefineConfig}

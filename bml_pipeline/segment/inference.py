@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 def predict_probabilities(network: torch.nn.Module, image: np.ndarray, config: InferenceConfig,
                           device: torch.device, tta: bool = False,
                           agreement: dict[int, float] | None = None) -> torch.Tensor:
-    """Softmax probabilities (C, D, H, W) float32 on the CPU for a normalised image (D, H, W).
+    """Softmax probabilities (C, D, H, W) float32 on the CPU for a normalised image (D, H, W), or for
+    several input channels (K, D, H, W) (a fine stage's image and coarse probabilities).
 
     Windows of ``config.roi_size`` overlap by ``config.overlap`` and are blended with Gaussian weights;
     windows run on ``device`` (AMP float16 on CUDA) and are stitched on the CPU, so memory on the
@@ -27,7 +28,8 @@ def predict_probabilities(network: torch.nn.Module, image: np.ndarray, config: I
     import torch
     from monai.inferers import sliding_window_inference
 
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    x = x[None, None] if x.ndim == 3 else x[None]
     roi = tuple(int(r) for r in config.roi_size)
 
     def run(inp: torch.Tensor) -> torch.Tensor:

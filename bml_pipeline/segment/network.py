@@ -11,10 +11,11 @@ if TYPE_CHECKING:
 
 
 def build_network(config: ModelConfig) -> torch.nn.Module:
-    """An untrained network: input (N, 1, D, H, W) normalised intensities, output (N, C, D, H, W) logits."""
+    """An untrained network: input (N, 1 + prior_classes, D, H, W) normalised intensities (then the coarse
+    stage's probabilities, for a fine stage), output (N, C, D, H, W) logits."""
     from monai.networks.nets import UNet
 
     net = config.network
-    return UNet(spatial_dims=3, in_channels=1, out_channels=config.num_classes,
+    return UNet(spatial_dims=3, in_channels=1 + config.prior_classes, out_channels=config.num_classes,
                 channels=tuple(net.channels), strides=tuple(net.strides),
                 num_res_units=net.num_res_units, norm=net.norm)

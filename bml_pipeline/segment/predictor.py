@@ -4,6 +4,11 @@
 image's own grid with its affine. Steps: percentile intensity normalisation of the input, resampling to
 the RAS-aligned working grid, MONAI sliding-window inference (Gaussian blending, optional
 medial-lateral flip TTA), probabilities back to the input grid and argmax, lesions constrained to bone.
+
+A cascade's fine model (``config.prior_classes > 0``) runs after its coarse model
+(``config.coarse_model``): the coarse model labels the whole knee on its coarse grid; the fine model
+runs only on the box of that foreground (plus ``crop_margin_mm``), on the image and the coarse class
+probabilities resampled to its finer grid.
 """
 
 from __future__ import annotations
@@ -25,7 +30,12 @@ from bml_pipeline.segment.cleanup import clean_anatomy
 from bml_pipeline.segment.config import ModelConfig
 from bml_pipeline.segment.inference import class_confidence, predict_probabilities
 from bml_pipeline.segment.intensity import percentile_normalise
-from bml_pipeline.segment.resample import image_to_working_grid, probabilities_to_labels, working_grid
+from bml_pipeline.segment.resample import (
+    image_to_working_grid,
+    probabilities_to_labels,
+    resample_probabilities,
+    working_grid,
+)
 from bml_pipeline.segment.weights import load_weights, resolve_model, sha256_file
 from bml_pipeline.volume import Volume
 
@@ -71,21 +81,32 @@ class Predictor:
     device: Any
     timings: dict[str, float] = field(default_factory=dict)
     quality: dict[str, dict[str, float]] = field(default_factory=dict)
+    coarse: Predictor | None = None
 
     @classmethod
     def load(cls, name_or_path: str | Path = "knee_synth_v1", device: str = "auto") -> Predictor:
-        """Load a shipped model by name or a weights file by path (never downloads anything)."""
+        """Load a shipped model by name or a weights file by path (never downloads anything); a fine
+        model loads its coarse model too."""
         path = resolve_model(name_or_path)
         network, config, _ = load_weights(path)
         dev = resolve_device(device)
-        return cls(network.to(dev), config, config.name, sha256_file(path), str(path), dev)
+        coarse = None
+        if config.prior_classes:
+            coarse = cls.load(config.coarse_model, device)
+            if coarse.config.num_classes != config.prior_classes or coarse.config.prior_classes:
+                raise InputError(path, f"coarse model {config.coarse_model!r} gives {coarse.config.num_classes} "
+                                       f"classes, the fine model expects {config.prior_classes}")
+        return cls(network.to(dev), config, config.name, sha256_file(path), str(path), dev, coarse=coarse)
 
     @property
     def provenance(self) -> dict[str, Any]:
         """Model id, weights checksum and device, JSON-ready."""
-        return {"model_id": self.model_id, "weights_sha256": self.weights_sha256,
-                "weights_path": self.weights_path, "device": str(self.device),
-                "working_spacing_mm": self.config.working_spacing_mm, "quality": self.quality}
+        record = {"model_id": self.model_id, "weights_sha256": self.weights_sha256,
+                  "weights_path": self.weights_path, "device": str(self.device),
+                  "working_spacing_mm": self.config.working_spacing_mm, "quality": self.quality}
+        if self.coarse is not None:
+            record["coarse"] = {k: v for k, v in self.coarse.provenance.items() if k != "quality"}
+        return record
 
     def segment(self, image: Volume, tta: bool = False) -> Volume:
         """Labels (uint8, schema ``config.schema``) on ``image``'s grid, with its affine and metadata.
@@ -101,9 +122,14 @@ class Predictor:
         cfg = self.config
         torch.manual_seed(0)
         t = {"start": time.perf_counter()}
-        shape, work_affine = working_grid(image, cfg.working_spacing_mm)
         normalised = image.with_array(percentile_normalise(arr, cfg.inference.percentiles))
-        work = image_to_working_grid(normalised, shape, work_affine)
+        if self.coarse is None:
+            shape, work_affine = working_grid(image, cfg.working_spacing_mm)
+            work = image_to_working_grid(normalised, shape, work_affine)
+        else:
+            work, work_affine = self._fine_input(normalised)
+            shape = work.shape[1:]
+            t["coarse"] = time.perf_counter()
         t["resample_in"] = time.perf_counter()
         agreement: dict[int, float] = {}
         probs = predict_probabilities(self.network, work, cfg.inference, self.device, tta=tta, agreement=agreement)
@@ -124,3 +150,32 @@ class Predictor:
         log.info("segmented %s on %s in %.1f s (working grid %s)", image.meta.source, self.device,
                  self.timings["total"], shape)
         return result
+
+    def _fine_input(self, normalised: Volume) -> tuple[np.ndarray, np.ndarray]:
+        """(image and coarse probabilities, (1 + prior_classes, D, H, W), on the fine grid; its affine).
+        The fine grid is RAS-aligned at ``working_spacing_mm`` over the coarse foreground's box plus
+        ``crop_margin_mm`` (the whole image when the coarse stage finds nothing)."""
+        assert self.coarse is not None
+        coarse_cfg = self.coarse.config
+        c_shape, c_affine = working_grid(normalised, coarse_cfg.working_spacing_mm)
+        c_work = image_to_working_grid(normalised, c_shape, c_affine)
+        c_probs = predict_probabilities(self.coarse.network, c_work, coarse_cfg.inference, self.device).numpy()
+        shape, affine = working_grid(normalised, self.config.working_spacing_mm)
+        found = np.argwhere(c_probs.argmax(0) > 0)
+        if len(found):
+            corners = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+            lo_ijk, hi_ijk = found.min(0), found.max(0)
+            world = (c_affine[:3, :3] @ (lo_ijk + corners * (hi_ijk - lo_ijk)).T).T + c_affine[:3, 3]
+            margin = self.config.crop_margin_mm
+            spacing = self.config.working_spacing_mm
+            full_lo = affine[:3, 3]
+            full_hi = full_lo + spacing * (np.array(shape) - 1)
+            lo = np.maximum(world.min(0) - margin, full_lo)
+            hi = np.minimum(world.max(0) + margin, full_hi)
+            lo = full_lo + np.floor((lo - full_lo) / spacing) * spacing  # stay on the full fine lattice
+            shape = tuple(int(n) for n in np.floor((hi - lo) / spacing).astype(int) + 1)
+            affine = affine.copy()
+            affine[:3, 3] = lo
+        image = image_to_working_grid(normalised, shape, affine)
+        prior = resample_probabilities(c_probs, c_affine, shape, affine)
+        return np.concatenate([image[None], prior]).astype(np.float32), affine

@@ -96,6 +96,18 @@ def image_to_working_grid(image: Volume, shape: tuple[int, int, int], affine: np
                                     order=1, mode="constant", cval=float(arr.min()))
 
 
+def resample_probabilities(probs: np.ndarray, affine: np.ndarray, shape: tuple[int, ...],
+                           target_affine: np.ndarray) -> np.ndarray:
+    """Class probabilities (C, ...) on the grid ``affine`` trilinearly resampled onto (shape,
+    target_affine); outside the source grid everything is background (class 0)."""
+    out_to_in = np.linalg.inv(affine) @ target_affine
+    out = np.empty((probs.shape[0], *shape), dtype=np.float32)
+    for c, channel in enumerate(probs):
+        out[c] = ndimage.affine_transform(channel, out_to_in[:3, :3], offset=out_to_in[:3, 3], output_shape=shape,
+                                          order=1, mode="constant", cval=1.0 if c == 0 else 0.0)
+    return out
+
+
 def probabilities_to_labels(probs: torch.Tensor, work_affine: np.ndarray, image: Volume,
                             slab_voxels: int = 8_000_000) -> np.ndarray:
     """Labels (uint8) on ``image``'s grid: argmax over classes of ``probs`` (C, D, H, W) on the working

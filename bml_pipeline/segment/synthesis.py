@@ -65,10 +65,11 @@ FULL_CLASSES = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 3, 5, 0, 0, 0, 0, 0, 0
 
 def generation_map(labels: Volume, spacing_mm: float, seed: int = 0) -> Volume:
     """The generation map (uint8, values < :data:`N_GENERATION`) of an oai_zib label map, on a
-    RAS-aligned isotropic grid of ``spacing_mm`` covering it (nearest-neighbour labels)."""
+    RAS-aligned isotropic grid of ``spacing_mm`` covering it (nearest-neighbour labels), or on the map's
+    own grid when ``spacing_mm`` is 0."""
     from bml_pipeline.segment.resample import labels_to_working_grid
 
-    work = labels_to_working_grid(labels, spacing_mm)
+    work = labels_to_working_grid(labels, spacing_mm) if spacing_mm > 0 else labels
     lab = np.asarray(work.array, dtype=np.uint8)
     rng = np.random.default_rng(seed)
     tissue = tissue_map(lab, work.spacing, load_schema("oai_zib"), SynthesisOptions(cortex_mm=0.8), rng)
@@ -90,7 +91,8 @@ def cached_generation_maps(label_paths: list[Path], spacing_mm: float, cache_dir
     cache_dir.mkdir(parents=True, exist_ok=True)
     maps = []
     for path in label_paths:
-        cached = cache_dir / f"{path.name.split('.')[0]}_{spacing_mm:g}mm.npz"
+        grid = f"{spacing_mm:g}mm" if spacing_mm > 0 else "native"
+        cached = cache_dir / f"{path.name.split('.')[0]}_{grid}.npz"
         if cached.exists():
             with np.load(cached) as z:
                 maps.append(Volume(z["gen"], z["affine"]))
@@ -124,6 +126,17 @@ class SamplingOptions:
     bias: tuple[float, float] = (0.0, 0.5)
     fov_cut: float = 0.4
     percentiles: tuple[float, float] = (0.5, 99.5)
+    focus: str = "centre"
+    """Where a sample is centred (then shifted by up to ``shift_mm``): "centre", the map's centre (the
+    whole knee); "surface", a random cartilage, lesion or cortex voxel (crops for the fine stage)."""
+    lesion_focus: float = 0.25
+    """With ``focus="surface"``: the probability of centring on a lesion voxel (when the map has one)."""
+    synthetic_lesions: float = 0.0
+    """Probability of painting a random subchondral lesion (a 4-12 mm blob) into a bone's marrow."""
+    prior_classes: int = 0
+    """When > 0, the image gets this many more channels: a simulated coarse-stage probability map of
+    the coarse classes (:data:`COARSE_CLASSES`; the target shifted, pooled to 1.5 mm, blurred, mixed with
+    uniform), as the fine stage receives at inference."""
 
 
 class SampleGenerator:
@@ -140,6 +153,15 @@ class SampleGenerator:
         self.classes = torch.from_numpy(classes.astype(np.int64))
         self.n_classes = int(classes.max()) + 1
         self.opt = options
+        self.surface: list[tuple[np.ndarray, np.ndarray]] = []
+        if options.focus == "surface":
+            for m in maps:
+                arr = np.asarray(m.array)
+                step = max(1, int(round(2.0 / min(m.spacing))))  # candidates on a ~2 mm lattice
+                sub = arr[::step, ::step, ::step]
+                pick = {name: np.argwhere(np.isin(sub, ids)) * step for name, ids in
+                        (("surface", (2, 4, 6, CORTEX_FEMUR, CORTEX_TIBIA, CORTEX_PATELLA)), ("lesion", (7, 8, 9)))}
+                self.surface.append(tuple(m.world_coords(pick[k].astype(np.float64)) for k in ("surface", "lesion")))
 
     def sample(self, gen: torch.Generator, index: int | None = None,
                preset: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,6 +175,8 @@ class SampleGenerator:
             index = int(torch.randint(len(self.maps), (1,), generator=gen))
         labels = self._warp(index, gen)
         self._paint_pseudo_tissues(labels, gen)
+        if o.synthetic_lesions > 0 and _uniform(gen, 0, 1) < o.synthetic_lesions:
+            _paint_lesion(labels, o.spacing_mm / o.supersample, gen)
         fine = self._intensities(labels, gen, preset)
         k = o.supersample
         image = F.avg_pool3d(fine[None, None], k)[0, 0] if k > 1 else fine
@@ -170,7 +194,29 @@ class SampleGenerator:
         image = image.clamp_min(0).pow(float(np.exp(0.25 * float(torch.randn(1, generator=gen)))))
         if _uniform(gen, 0, 1) < o.fov_cut:
             _cut_field_of_view(image, target, gen)
-        return _normalise(image, o.percentiles)[None], target
+        image = _normalise(image, o.percentiles)[None]
+        if o.prior_classes:
+            image = torch.cat([image, self._simulated_prior(target, gen)])
+        return image, target
+
+    def _simulated_prior(self, target: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Coarse-class probabilities as an imperfect coarse stage would give them (see ``prior_classes``)."""
+        import torch
+        import torch.nn.functional as F
+
+        o = self.opt
+        merge = torch.zeros((o.prior_classes, self.n_classes))
+        merge[torch.from_numpy(COARSE_CLASSES[FULL_CLASSES_INDEX[: self.n_classes]]), torch.arange(self.n_classes)] = 1
+        coarse = torch.einsum("pc,cdhw->pdhw", merge, target)[None]
+        factor = max(1, int(round(1.5 / o.spacing_mm)))
+        pooled = F.avg_pool3d(coarse, factor, ceil_mode=True)
+        shifts = [int(torch.randint(-1, 2, (1,), generator=gen)) for _ in range(3)]
+        pooled = torch.roll(pooled, shifts=shifts, dims=(2, 3, 4))
+        pooled = torch.stack([_blur(c, [_uniform(gen, 0.3, 1.2)] * 3) for c in pooled[0]])[None]
+        prior = F.interpolate(pooled, size=tuple(target.shape[1:]), mode="trilinear", align_corners=False)[0]
+        mix = _uniform(gen, 0.0, 0.3)
+        prior = (1 - mix) * prior / prior.sum(0, keepdim=True).clamp_min(1e-6) + mix / o.prior_classes
+        return prior
 
     def _warp(self, index: int, gen: torch.Generator) -> torch.Tensor:
         """The generation map in a random pose on the fine output grid (float labels)."""
@@ -186,6 +232,11 @@ class SampleGenerator:
         if _uniform(gen, 0, 1) < 0.5:
             linear = linear @ np.diag([-1.0, 1.0, 1.0])
         centre_src = affine[:3, :3] @ ((np.array(source.shape) - 1) / 2) + affine[:3, 3]
+        if o.focus == "surface":
+            surface, lesions = self.surface[index]
+            pool = lesions if len(lesions) and _uniform(gen, 0, 1) < o.lesion_focus else surface
+            if len(pool):
+                centre_src = pool[int(torch.randint(len(pool), (1,), generator=gen))]
         centre = centre_src + np.array([_uniform(gen, -o.shift_mm, o.shift_mm) for _ in range(3)])
         # world(o) = centre + linear @ ((o - c_out) * fine_mm); source ijk = A^-1 world
         out_to_world = np.eye(4)
@@ -244,6 +295,34 @@ class SampleGenerator:
         idx = labels.long()
         image = means[idx] + spread[idx] * torch.randn(labels.shape, generator=gen)
         return image.clamp_min(0)
+
+
+FULL_CLASSES_INDEX = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+"""Generation labels 0..9 are the oai_zib ids: a full class ``c`` is generation label ``c``."""
+
+
+def _paint_lesion(labels: torch.Tensor, spacing_mm: float, gen: torch.Generator) -> None:
+    """Turn a random blob of one bone's marrow, centred on that bone's cortex (subchondral), into the
+    bone's lesion label (in place)."""
+    import torch
+
+    bones = [(bone, cortex, lesion) for bone, cortex, lesion in
+             ((1, CORTEX_FEMUR, 7), (3, CORTEX_TIBIA, 8), (5, CORTEX_PATELLA, 9)) if bool((labels == cortex).any())]
+    if not bones:
+        return
+    bone, cortex, lesion = bones[int(torch.randint(len(bones), (1,), generator=gen))]
+    where = torch.nonzero(labels == cortex)
+    centre = where[int(torch.randint(len(where), (1,), generator=gen))].float()
+    radii = torch.tensor([_uniform(gen, 4.0, 12.0) for _ in range(3)]) / spacing_mm
+    r = int(torch.ceil(radii.max()))
+    lo = (centre - r).clamp_min(0).long()
+    hi = torch.minimum(centre + r + 1, torch.tensor(labels.shape, dtype=torch.float32)).long()
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    grids = torch.meshgrid(*[torch.arange(int(a), int(b), dtype=torch.float32) for a, b in zip(lo, hi)], indexing="ij")
+    d2 = sum(((g - c) / rad) ** 2 for g, c, rad in zip(grids, centre, radii))
+    wobble = _smooth_field(tuple(d2.shape), 3, gen) * 0.25
+    inside = (d2 + wobble < 1.0) & (labels[box] == bone)
+    labels[box][inside] = lesion
 
 
 def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:

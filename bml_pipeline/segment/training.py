@@ -105,7 +105,8 @@ def train(config: TrainConfig, resume: bool = True) -> Path:
     if int(classes.max()) + 1 != mc.num_classes:
         raise InputError(None, f"targets {tc.targets!r} have {int(classes.max()) + 1} classes, model {mc.num_classes}")
     options = SamplingOptions(spacing_mm=mc.working_spacing_mm, shape=tuple(tc.sample_shape),  # type: ignore[arg-type]
-                              supersample=tc.supersample, percentiles=tuple(mc.inference.percentiles))  # type: ignore[arg-type]
+                              supersample=tc.supersample, percentiles=tuple(mc.inference.percentiles),  # type: ignore[arg-type]
+                              focus=tc.focus, synthetic_lesions=tc.synthetic_lesions, prior_classes=mc.prior_classes)
     cache = run_dir / "generation_maps"
     sampler = SampleGenerator(cached_generation_maps(train_paths, tc.source_spacing_mm, cache), classes, options)
     validation = _validation_set(cached_generation_maps(val_paths, tc.source_spacing_mm, cache), classes, options,
