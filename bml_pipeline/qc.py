@@ -110,7 +110,7 @@ def check_labels(labels: Volume, schema: LabelSchema, volumes_cm3: dict[str, flo
     absent; ``confidence`` and ``tta_agreement``: per structure name, from the segmentation stage)."""
     metrics: dict[str, Any] = {}
     checks = [*_volume_checks(volumes_cm3, schema)]
-    step = max(1, int(round(1.0 / min(labels.spacing))))  # work on a ~1 mm subsample
+    step = max(1, round(1.0 / min(labels.spacing)))  # work on a ~1 mm subsample
     sub = np.asarray(labels.array)[::step, ::step, ::step]
     affine = labels.affine.copy()
     affine[:3, :3] *= step

@@ -98,7 +98,7 @@ def test_dicom_echo1_geometry_matches_simpleitk(dess_dicom_dir: Path, capsys) ->
 
 
 def test_oai_label_map_loads_with_its_spacing(oai_labels_dir: Path) -> None:
-    path = sorted(oai_labels_dir.glob("*.nii.gz"))[0]
+    path = min(oai_labels_dir.glob("*.nii.gz"))
     labels = read_labels(path, load_schema("oai_zib"))
     np.testing.assert_allclose(labels.spacing, [0.7, 0.3646, 0.3646], atol=1e-4)
     assert labels.shape == (160, 384, 384)

@@ -29,7 +29,13 @@ def _knee_like(spacing: tuple[float, float, float] = (0.7, 0.4, 0.4)) -> Volume:
 
 
 def test_generation_map_keeps_structures_and_fills_background() -> None:
-    from bml_pipeline.segment.synthesis import CORTEX_FEMUR, CORTEX_TIBIA, MUSCLE, N_GENERATION, generation_map
+    from bml_pipeline.segment.synthesis import (
+        CORTEX_FEMUR,
+        CORTEX_TIBIA,
+        MUSCLE,
+        N_GENERATION,
+        generation_map,
+    )
 
     labels = _knee_like()
     gen = generation_map(labels, 0.75)
@@ -42,7 +48,12 @@ def test_generation_map_keeps_structures_and_fills_background() -> None:
 
 
 def test_sample_without_pose_keeps_anatomy_in_place_and_is_deterministic() -> None:
-    from bml_pipeline.segment.synthesis import COARSE_CLASSES, SampleGenerator, SamplingOptions, generation_map
+    from bml_pipeline.segment.synthesis import (
+        COARSE_CLASSES,
+        SampleGenerator,
+        SamplingOptions,
+        generation_map,
+    )
 
     gen_map = generation_map(_knee_like(), 0.75)
     opts = SamplingOptions(spacing_mm=1.5, shape=(32, 32, 40), rotation_deg=0.0, scale=(1.0, 1.0), shift_mm=0.0,

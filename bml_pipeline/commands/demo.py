@@ -9,6 +9,7 @@ longitudinal change, cohort tables) and prints measured values beside the truth.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ def summarize(out: Path, manifest: Path) -> list[str]:
         plate = measured["cartilage"]["femoral_cartilage"]
         lines.append(_row("femoral cartilage mean thickness (mm)", plate["thickness_mm"]["mean"],
                           truth["cartilage"]["femoral_cartilage"]["mean_thickness_mm"], "mm"))
-    for baseline, followup in zip(scans, scans[1:]):
+    for baseline, followup in itertools.pairwise(scans):
         truth = _load(Path(followup.labels).parent / "truth.json")["change"]
         change_path = out / baseline.subject / "changes" / f"{baseline.visit}_to_{followup.visit}" / "change.json"
         change = _load(change_path)

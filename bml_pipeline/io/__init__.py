@@ -89,9 +89,8 @@ def read_labels(path: str | Path, schema=None, *, canonical: bool = True) -> Vol
     (a :class:`~bml_pipeline.labels.LabelSchema`) when given. Returned array dtype is uint16 or int32."""
     volume = read_volume(path, canonical=canonical)
     array = volume.array
-    if array.dtype.kind == "f":
-        if np.any(array != np.round(array)):
-            raise InputError(path, "label map contains non-integer values")
+    if array.dtype.kind == "f" and np.any(array != np.round(array)):
+        raise InputError(path, "label map contains non-integer values")
     if array.size and (array.min() < 0 or array.max() > 65535):
         raise InputError(path, f"label values out of range [{array.min()}, {array.max()}]")
     array = np.asarray(array, dtype=np.uint16)

@@ -14,8 +14,8 @@ probabilities resampled to its finer grid.
 from __future__ import annotations
 
 import itertools
-import re
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -157,7 +157,7 @@ class SampleGenerator:
         if options.focus == "surface":
             for m in maps:
                 arr = np.asarray(m.array)
-                step = max(1, int(round(2.0 / min(m.spacing))))  # candidates on a ~2 mm lattice
+                step = max(1, round(2.0 / min(m.spacing)))  # candidates on a ~2 mm lattice
                 sub = arr[::step, ::step, ::step]
                 pick = {name: np.argwhere(np.isin(sub, ids)) * step for name, ids in
                         (("surface", (2, 4, 6, CORTEX_FEMUR, CORTEX_TIBIA, CORTEX_PATELLA)), ("lesion", (7, 8, 9)))}
@@ -208,7 +208,7 @@ class SampleGenerator:
         merge = torch.zeros((o.prior_classes, self.n_classes))
         merge[torch.from_numpy(COARSE_CLASSES[FULL_CLASSES_INDEX[: self.n_classes]]), torch.arange(self.n_classes)] = 1
         coarse = torch.einsum("pc,cdhw->pdhw", merge, target)[None]
-        factor = max(1, int(round(1.5 / o.spacing_mm)))
+        factor = max(1, round(1.5 / o.spacing_mm))
         pooled = F.avg_pool3d(coarse, factor, ceil_mode=True)
         shifts = [int(torch.randint(-1, 2, (1,), generator=gen)) for _ in range(3)]
         pooled = torch.roll(pooled, shifts=shifts, dims=(2, 3, 4))
@@ -263,7 +263,6 @@ class SampleGenerator:
     def _paint_pseudo_tissues(self, labels: torch.Tensor, gen: torch.Generator) -> None:
         """Paint up to four random shapes (thresholded anisotropic smooth noise) into the soft tissue."""
         import torch
-
         import torch.nn.functional as F
 
         soft = (labels == MUSCLE) | (labels == FAT) | (labels == FLUID)
@@ -394,7 +393,7 @@ def _thick_slices(image: torch.Tensor, axis: int, factor: float) -> torch.Tensor
     sigmas[axis] = factor / 2.355
     blurred = _blur(image, sigmas)
     size = list(image.shape)
-    size[axis] = max(2, int(round(size[axis] / factor)))
+    size[axis] = max(2, round(size[axis] / factor))
     low = F.interpolate(blurred[None, None], size=tuple(size), mode="trilinear", align_corners=True)
     return F.interpolate(low, size=tuple(image.shape), mode="trilinear", align_corners=True)[0, 0]
 

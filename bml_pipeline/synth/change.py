@@ -158,7 +158,7 @@ def inject_change(labels: Volume, schema: LabelSchema | None = None, *,
         if lesion is None:
             raise InputError(source, f"no bone with a lesion label named {bone!r} in schema {schema.name!r}")
         before = int(np.count_nonzero(arr == lesion.id))
-        count = int(round(delta / vox_cm3))
+        count = round(delta / vox_cm3)
         point = (seed_points_ras or {}).get(bone)
         _change_lesion(arr, labels, schema, bone, count, rng, point)
         after = int(np.count_nonzero(arr == lesion.id))
@@ -280,7 +280,7 @@ def _change_plate(arr: np.ndarray, spacing: tuple[float, float, float], schema: 
     plate = sub == plate_id
     bone_mask = np.isin(sub, schema.bone_ids(bone))
     have = int(plate.sum())
-    target = int(round(have * (1 + percent / 100.0)))
+    target = round(have * (1 + percent / 100.0))
     if target < 0:
         raise InputError(source, f"a thickness change of {percent} % would remove the plate")
     d_bone = ndimage.distance_transform_edt(~bone_mask, sampling=spacing)

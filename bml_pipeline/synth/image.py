@@ -190,7 +190,7 @@ def tissue_map(lab: np.ndarray, spacing: tuple[float, float, float], schema: Lab
     bone = (tissue == MARROW) | (tissue == LESION)
     inner = bone.copy()
     for axis, s in enumerate(spacing):
-        for k in range(1, max(1, int(round(opts.cortex_mm / s))) + 1):
+        for k in range(1, max(1, round(opts.cortex_mm / s)) + 1):
             lo = [slice(None)] * 3
             hi = [slice(None)] * 3
             lo[axis], hi[axis] = slice(0, -k), slice(k, None)
@@ -208,7 +208,7 @@ def _soft_tissue(tissue: np.ndarray, lab: np.ndarray, joint_plates: list[int], s
     ~1 mm grid where the classes are decided, and the classes are repeated onto the full grid."""
     from scipy import ndimage
 
-    factors = tuple(max(1, int(round(1.0 / s))) for s in spacing)
+    factors = tuple(max(1, round(1.0 / s)) for s in spacing)
     small_shape = tuple(-(-n // f) for n, f in zip(tissue.shape, factors))
     small_spacing = tuple(s * f for s, f in zip(spacing, factors))
     step = tuple(slice(0, None, 2 * f) for f in factors)

@@ -365,7 +365,7 @@ def make_phantom(spec: KneeSpec, shape: tuple[int, int, int] | None = None, affi
 def _grow_set(frac: np.ndarray, dist: np.ndarray, inner: np.ndarray) -> np.ndarray:
     """Hard mask holding ``inner`` plus the voxels of largest ``frac`` (then smallest ``dist``) until its
     count equals ``round(sum(frac))`` (never fewer than ``inner`` and the full voxels)."""
-    target = int(round(float(frac.sum(dtype=np.float64))))
+    target = round(float(frac.sum(dtype=np.float64)))
     mask = inner | (frac >= 1.0)
     need = target - int(np.count_nonzero(mask))
     if need > 0:
