@@ -24,6 +24,6 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
 
 def test_module_entry_point_runs_without_traceback(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "bml_pipeline", "info", str(tmp_path / "x.nii")],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == f"bml-pipeline: error: {tmp_path / 'x.nii'}: file not found"

@@ -32,6 +32,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     import time
 
+    import numpy as np
+
     from bml_pipeline import __version__
     from bml_pipeline.errors import InputError
     from bml_pipeline.io import read_volume, write_nifti
@@ -60,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
         "seconds": {**predictor.timings, "wall": round(time.perf_counter() - t0, 3)},
     }
     with staged_dir(out) as staging:
-        write_nifti(labels, staging / "labels.nii.gz", dtype="uint8")
+        write_nifti(labels, staging / "labels.nii.gz", dtype=np.uint8)
         (staging / "provenance.json").write_text(json.dumps(provenance, indent=2))
     print(f"labels: {out / 'labels.nii.gz'} ({predictor.timings['total']:.1f} s on {predictor.device})")
     return 0

@@ -105,16 +105,46 @@ def measure_stats(changes: np.ndarray, repeats: np.ndarray, measure: str) -> Mea
     return MeasureStats(measure, n, mean, sd, low, high, srm, int(d.size), sem, sdc, beyond)
 
 
-def cohort_stats(table) -> list[MeasureStats]:
-    """Statistics of every change measure in a changes table (pandas DataFrame)."""
+def measure_values(table, column: str, repeats=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(changes, repeat differences)`` of one measure: the table's non-repeat and repeat rows, plus every
+    row of ``repeats`` (a second changes table whose rows are all repeat pairs) when it has the column.
+    Non-numeric cells become NaN."""
     import pandas as pd
 
     repeat = repeat_mask(table)
+    values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=np.float64)
+    diffs = values[repeat]
+    if repeats is not None and column in repeats.columns:
+        extra = pd.to_numeric(repeats[column], errors="coerce").to_numpy(dtype=np.float64)
+        diffs = np.concatenate([diffs, extra])
+    return values[~repeat], diffs
+
+
+def cohort_stats(table, repeats=None) -> list[MeasureStats]:
+    """Statistics of every change measure in a changes table (pandas DataFrame).
+
+    ``repeats``: an optional second changes table whose rows are all repeat pairs (a separate
+    test-retest study); they add to the table's own repeat rows.
+    """
     out = []
     for column in measure_columns(list(table.columns)):
-        values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=np.float64)
-        out.append(measure_stats(values[~repeat], values[repeat], column))
+        changes, diffs = measure_values(table, column, repeats)
+        out.append(measure_stats(changes, diffs, column))
     return out
+
+
+def select_visits(table, baseline_visit: str, followup_visit: str):
+    """The repeat rows and the rows of one visit pair (``baseline_visit`` to ``followup_visit``).
+
+    A batch's changes table holds every consecutive visit pair and, with three or more visits, baseline to
+    last, so one knee can give several rows over different intervals; a trial's SD of change is over one
+    interval, one row per knee. Raises ``ValueError`` when the table lacks the visit columns.
+    """
+    if not {"baseline_visit", "followup_visit"} <= set(table.columns):
+        raise ValueError("the table has no baseline_visit and followup_visit columns")
+    keep = repeat_mask(table) | ((table["baseline_visit"].astype(str) == baseline_visit)
+                                 & (table["followup_visit"].astype(str) == followup_visit)).to_numpy()
+    return table[keep].reset_index(drop=True)
 
 
 def load_changes(path: str | Path):

@@ -158,10 +158,10 @@ def _verify_recorded_checksum(path: Path | None, provenance: dict[str, Any]) -> 
     for entry in inputs.values():
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             continue
-        if Path(entry["path"]).resolve() == path.resolve() and isinstance(entry.get("sha256"), str):
-            if sha256_path(path) != entry["sha256"]:
-                raise InputError(path, "file changed since the run measured it (SHA-256 differs from "
-                                       "provenance.json); measure it again")
+        same_file = Path(entry["path"]).resolve() == path.resolve() and isinstance(entry.get("sha256"), str)
+        if same_file and sha256_path(path) != entry["sha256"]:
+            raise InputError(path, "file changed since the run measured it (SHA-256 differs from "
+                                   "provenance.json); measure it again")
 
 
 def _input_paths(provenance: dict[str, Any], kinds: tuple[str, ...]) -> list[Path]:

@@ -38,6 +38,7 @@ def predict_probabilities(network: torch.nn.Module, image: np.ndarray, config: I
                 inp, roi, config.sw_batch_size, network, overlap=config.overlap, mode="gaussian",
                 sw_device=device, device=torch.device("cpu"), padding_mode="constant", cval=0.0,
                 progress=False)
+        assert isinstance(logits, torch.Tensor)
         return torch.softmax(logits.float(), dim=1)[0]
 
     network.eval()

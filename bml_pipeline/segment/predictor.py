@@ -173,7 +173,7 @@ class Predictor:
             lo = np.maximum(world.min(0) - margin, full_lo)
             hi = np.minimum(world.max(0) + margin, full_hi)
             lo = full_lo + np.floor((lo - full_lo) / spacing) * spacing  # stay on the full fine lattice
-            shape = tuple(int(n) for n in np.floor((hi - lo) / spacing).astype(int) + 1)
+            shape = tuple(int(n) for n in np.floor((hi - lo) / spacing).astype(int) + 1)  # type: ignore[assignment]
             affine = affine.copy()
             affine[:3, 3] = lo
         image = image_to_working_grid(normalised, shape, affine)

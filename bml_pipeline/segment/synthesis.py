@@ -159,9 +159,9 @@ class SampleGenerator:
                 arr = np.asarray(m.array)
                 step = max(1, round(2.0 / min(m.spacing)))  # candidates on a ~2 mm lattice
                 sub = arr[::step, ::step, ::step]
-                pick = {name: np.argwhere(np.isin(sub, ids)) * step for name, ids in
-                        (("surface", (2, 4, 6, CORTEX_FEMUR, CORTEX_TIBIA, CORTEX_PATELLA)), ("lesion", (7, 8, 9)))}
-                self.surface.append(tuple(m.world_coords(pick[k].astype(np.float64)) for k in ("surface", "lesion")))
+                surface = np.argwhere(np.isin(sub, (2, 4, 6, CORTEX_FEMUR, CORTEX_TIBIA, CORTEX_PATELLA))) * step
+                lesion = np.argwhere(np.isin(sub, (7, 8, 9))) * step
+                self.surface.append((m.world_coords(surface.astype(np.float64)), m.world_coords(lesion.astype(np.float64))))
 
     def sample(self, gen: torch.Generator, index: int | None = None,
                preset: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,7 +316,7 @@ def _paint_lesion(labels: torch.Tensor, spacing_mm: float, gen: torch.Generator)
     r = int(torch.ceil(radii.max()))
     lo = (centre - r).clamp_min(0).long()
     hi = torch.minimum(centre + r + 1, torch.tensor(labels.shape, dtype=torch.float32)).long()
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    box: tuple[slice, ...] = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
     grids = torch.meshgrid(*[torch.arange(int(a), int(b), dtype=torch.float32) for a, b in zip(lo, hi)], indexing="ij")
     d2 = sum(((g - c) / rad) ** 2 for g, c, rad in zip(grids, centre, radii))
     wobble = _smooth_field(tuple(d2.shape), 3, gen) * 0.25
@@ -419,8 +419,8 @@ def _cut_field_of_view(image: torch.Tensor, target: torch.Tensor, gen: torch.Gen
     sl: list[slice] = [slice(None)] * 3
     sl[axis] = slice(0, width) if _uniform(gen, 0, 1) < 0.5 else slice(n - width, n)
     image[tuple(sl)] = image.min()
-    target[(slice(None), *sl)] = 0
-    target[(0, *sl)] = 1
+    target[:, sl[0], sl[1], sl[2]] = 0
+    target[0, sl[0], sl[1], sl[2]] = 1
 
 
 def _normalise(image: torch.Tensor, percentiles: tuple[float, float]) -> torch.Tensor:
