@@ -55,21 +55,12 @@ def visit_pairs(specs: Sequence[ScanSpec]) -> list[tuple[ScanSpec, ScanSpec, boo
 
 def pipeline_change(baseline: ScanSpec, baseline_dir: Path, followup: ScanSpec, followup_dir: Path,
                     settings: BatchSettings) -> dict[str, Any]:
-    """The real pair job: :func:`bml_pipeline.longitudinal.change.compare_visits` on both scans' labels
-    and measurements."""
-    from bml_pipeline.io import read_labels
-    from bml_pipeline.labels import load_schema
-    from bml_pipeline.longitudinal.change import compare_visits
+    """The real pair job: :func:`bml_pipeline.longitudinal.runs.compare_runs` of the two run directories
+    (as ``bml-pipeline longitudinal`` does: the same runs give the same ``change.json``)."""
+    from bml_pipeline.longitudinal.runs import compare_runs
 
-    schema = load_schema(settings.schema)
-    volumes, measurements = [], []
-    for spec, run_dir in ((baseline, baseline_dir), (followup, followup_dir)):
-        volumes.append(read_labels(spec.labels or run_dir / "labels.nii.gz", schema))
-        measurements.append(json.loads((run_dir / "measurements.json").read_text(encoding="utf-8")))
     side = baseline.side if baseline.side == followup.side else None
-    change = compare_visits(volumes[0], volumes[1], schema, baseline_measurements=measurements[0],
-                            followup_measurements=measurements[1], side=side)
-    return change.to_dict()
+    return compare_runs(baseline_dir, followup_dir, side=side)
 
 
 def change_table_row(change: dict[str, Any], subject: str, baseline_visit: str, followup_visit: str

@@ -15,19 +15,6 @@ from typing import Any
 from bml_pipeline.commands import Command
 
 
-def load_visit(run_dir: str | Path):
-    """(labels Volume, measurements dict, schema, subject or None) of a run directory; :class:`InputError`
-    when unusable."""
-    from bml_pipeline.errors import InputError
-    from bml_pipeline.report.rundir import load_run
-
-    run = load_run(run_dir, with_image=False)
-    if run.labels is None:
-        raise InputError(run_dir, "; ".join(run.notes) or "no label map in the run directory")
-    subject = run.provenance.get("subject")
-    return run.labels, run.measurements, run.schema, subject if isinstance(subject, str) else None
-
-
 def write_change(out_dir: str | Path, change: dict[str, Any], row: dict[str, Any]) -> None:
     """Write ``change.json`` and ``change.csv`` into ``out_dir`` (atomically, after all computation)."""
     import pandas as pd
@@ -51,19 +38,16 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from bml_pipeline.errors import InputError
     from bml_pipeline.io.outdir import check_output_dir
-    from bml_pipeline.longitudinal.change import change_row, compare_visits
+    from bml_pipeline.longitudinal.change import change_row
+    from bml_pipeline.longitudinal.runs import compare_runs, subject_of
+    from bml_pipeline.report.rundir import read_json
 
     check_output_dir(args.out, force=args.force)
-    base_labels, base_meas, schema, base_subject = load_visit(args.baseline)
-    foll_labels, foll_meas, foll_schema, foll_subject = load_visit(args.followup)
-    if foll_schema.name != schema.name:
-        raise InputError(args.followup, f"label schema {foll_schema.name!r} differs from the baseline's {schema.name!r}")
-    change = compare_visits(base_labels, foll_labels, schema, baseline_measurements=base_meas,
-                            followup_measurements=foll_meas, side=args.side, force=args.allow_mismatch).to_dict()
+    change = compare_runs(args.baseline, args.followup, side=args.side, allow_mismatch=args.allow_mismatch)
     base, foll = Path(args.baseline).resolve(), Path(args.followup).resolve()
-    ids = {"subject": base_subject if base_subject == foll_subject else None,  # as recorded, never guessed
+    subjects = [subject_of(read_json(p / "provenance.json", required=False) or {}) for p in (base, foll)]
+    ids = {"subject": subjects[0] if subjects[0] == subjects[1] else None,  # as recorded, never guessed
            "baseline_visit": base.name, "followup_visit": foll.name}
     write_change(args.out, change, change_row(change, **ids))
     print(summary(change))

@@ -125,7 +125,9 @@ CHANGE_KEYS = ("same_knee", "bml", "cartilage", "alignment")
 
 def _knee_identity(run: RunData) -> dict[str, str]:
     """What names the knee of a run, where recorded: its side, batch subject and patient id."""
-    found = {"side": run.measurements.get("side"), "subject": run.provenance.get("subject")}
+    from bml_pipeline.longitudinal.runs import subject_of
+
+    found = {"side": run.measurements.get("side"), "subject": subject_of(run.provenance)}
     found.update({k.lower(): v for k, v in _identifiers(run.provenance) if k.lower().endswith("patientid")})
     return {k: str(v) for k, v in found.items() if isinstance(v, (str, int)) and str(v)}
 
