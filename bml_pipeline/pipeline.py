@@ -16,8 +16,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from bml_pipeline.errors import InputError
 from bml_pipeline.volume import Volume
 
@@ -81,11 +79,13 @@ def process_scan(
     config: MeasureConfig | None = None,
     report: bool = True,
     extra_provenance: dict[str, Any] | None = None,
+    dicom_export: bool = True,
 ) -> ScanResult:
     """Measure one scan and write its run directory.
 
-    Writes ``labels.nii.gz`` (when segmented), ``measurements.json``/``.csv``, ``provenance.json``,
-    ``thickness_<plate>.nii.gz`` and ``report.html`` (unless ``report`` is False). The folder is
+    Writes ``labels.nii.gz`` with its colour tables ``labels.ctbl`` and ``labels_itksnap.txt`` (when
+    segmented), ``measurements.json``/``.csv``, ``provenance.json``, ``thickness_<plate>.nii.gz``,
+    ``report.html`` (unless ``report`` is False), and for DICOM input a DICOM SEG and SR. The folder is
     replaced as a whole: whatever ``run_dir`` held before is gone (commands check it first with
     :func:`bml_pipeline.io.outdir.check_output_dir`).
 
@@ -102,12 +102,21 @@ def process_scan(
         config: measurement configuration (None: the packaged defaults).
         report: write ``report.html``.
         extra_provenance: further entries for ``provenance.json`` (e.g. batch subject and visit).
+        dicom_export: when the image is a DICOM series, also write ``labels_seg.dcm`` (DICOM SEG) and
+            ``measurements_sr.dcm`` (TID 1500 SR) referencing it (needs ``highdicom``; docs/export.md).
 
     Raises:
         InputError: missing or corrupt inputs, labels off the image grid, no labels and no model,
             label maps the measurement rejects (no bone, lesion outside its bone ...).
     """
-    from bml_pipeline.io import read_labels, read_volume, write_nifti
+    from bml_pipeline.export import (
+        dicom_export_available,
+        write_colour_tables,
+        write_dicom_seg,
+        write_dicom_sr,
+        write_label_nifti,
+    )
+    from bml_pipeline.io import read_labels, read_volume
     from bml_pipeline.io.outdir import staged_dir
     from bml_pipeline.labels import load_schema
     from bml_pipeline.measure import load_measure_config, measure_labels, write_measurements
@@ -145,8 +154,18 @@ def process_scan(
     # whole: no partial output, and nothing from an earlier run in that folder survives.
     with staged_dir(run_dir) as staging:
         if model_record is not None:
-            write_nifti(label_map, staging / "labels.nii.gz", dtype=np.uint16)
+            write_label_nifti(label_map, staging / "labels.nii.gz", intent_name=label_schema.name)
+            write_colour_tables(staging / "labels.nii.gz", label_schema)
         write_measurements(staging, measurements, provenance)
+        if dicom_export and volume is not None and volume.meta.extra.get("series_uid") and dicom_export_available():
+            t0 = time.perf_counter()
+            source = Path(image) if Path(image).is_dir() else Path(image).parent  # type: ignore[arg-type]
+            model_id = model_record.get("model_id") if model_record else None
+            seg = write_dicom_seg(label_map, source, label_schema, staging / "labels_seg.dcm",
+                                  automatic=model_record is not None, algorithm_name=str(model_id or "expert labels"))
+            write_dicom_sr(measurements.to_dict(), source, staging / "measurements_sr.dcm", schema=label_schema,
+                           series_uid=volume.meta.extra["series_uid"], seg_path=seg)
+            timings["dicom_export"] = time.perf_counter() - t0
 
     if report:
         from bml_pipeline.report import write_scan_report

@@ -36,7 +36,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from bml_pipeline import __version__
     from bml_pipeline.errors import InputError
-    from bml_pipeline.io import read_volume, write_nifti
+    from bml_pipeline.export import write_colour_tables, write_label_nifti
+    from bml_pipeline.io import read_volume
     from bml_pipeline.io.outdir import check_output_dir, staged_dir
     from bml_pipeline.labels import load_schema
     from bml_pipeline.segment.bml import FLUID_SENSITIVE, refine_lesions
@@ -62,7 +63,8 @@ def _run(args: argparse.Namespace) -> int:
         "seconds": {**predictor.timings, "wall": round(time.perf_counter() - t0, 3)},
     }
     with staged_dir(out) as staging:
-        write_nifti(labels, staging / "labels.nii.gz", dtype=np.uint8)
+        write_label_nifti(labels, staging / "labels.nii.gz", dtype=np.uint8, intent_name=cfg.schema)
+        write_colour_tables(staging / "labels.nii.gz", load_schema(cfg.schema))
         (staging / "provenance.json").write_text(json.dumps(provenance, indent=2))
     print(f"labels: {out / 'labels.nii.gz'} ({predictor.timings['total']:.1f} s on {predictor.device})")
     return 0

@@ -66,7 +66,8 @@ def check_output_dir(path: str | Path, *, force: bool = False) -> Path:
     return path
 
 
-OUTPUT_PATTERNS = ("labels.nii.gz", "labels.nii", "measurements.json", "measurements.csv", "provenance.json",
+OUTPUT_PATTERNS = ("labels.nii.gz", "labels.nii", "labels.ctbl", "labels_itksnap.txt", "labels_seg.dcm",
+                   "measurements.json", "measurements.csv", "measurements_sr.dcm", "provenance.json",
                    "thickness_*.nii.gz", "report.html", "report.pdf", "change.json", "change.csv")
 """Files the pipeline's stages write into a run folder; an earlier run's copies never survive a new run."""
 
