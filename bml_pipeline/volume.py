@@ -62,11 +62,24 @@ class Volume:
             raise InputError(source, "affine must be a finite 4x4 matrix")
         spacing = np.linalg.norm(aff[:3, :3], axis=0)
         if np.any(spacing <= 1e-6) or abs(np.linalg.det(aff[:3, :3])) <= 1e-12:
-            raise InputError(source, f"zero or negative voxel spacing {tuple(np.round(spacing, 6))}")
+            raise InputError(source, "zero or negative voxel spacing (" + ", ".join(f"{s:.6g}" for s in spacing) + " mm)")
         if self.meta.laterality not in (None, "left", "right"):
             raise InputError(source, f"laterality must be 'left', 'right' or unknown, got {self.meta.laterality!r}")
         object.__setattr__(self, "array", arr)
         object.__setattr__(self, "affine", aff)
+
+    def __repr__(self) -> str:
+        """Shape, spacing, orientation, dtype and source; never the array."""
+        spacing = ", ".join(f"{s:.4g}" for s in self.spacing)
+        return (f"Volume(shape={self.shape}, spacing_mm=({spacing}), orientation={self.orientation!r}, "
+                f"dtype={self.array.dtype}, source={self.meta.source!r})")
+
+    @property
+    def orientation(self) -> str:
+        """Axis codes of the array axes in world terms, e.g. "RAS" or "PIR" (nibabel's convention)."""
+        import nibabel as nib
+
+        return "".join(nib.aff2axcodes(self.affine))
 
     # ---- derived geometry -------------------------------------------------------------------
     @property
