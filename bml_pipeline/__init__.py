@@ -32,7 +32,8 @@ _API = {
     "make_phantom": "bml_pipeline.synth.phantom",
     "KneeSpec": "bml_pipeline.synth.phantom",
 }
-__all__ = ["__version__", *_API]
+__all__ = ["KneeSpec", "Predictor", "Volume", "__version__", "compare_runs", "load_schema", "make_phantom",
+           "measure_labels", "process_scan", "read_labels", "read_volume"]
 
 
 def __getattr__(name: str) -> Any:

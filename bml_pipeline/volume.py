@@ -74,13 +74,6 @@ class Volume:
         return (f"Volume(shape={self.shape}, spacing_mm=({spacing}), orientation={self.orientation!r}, "
                 f"dtype={self.array.dtype}, source={self.meta.source!r})")
 
-    @property
-    def orientation(self) -> str:
-        """Axis codes of the array axes in world terms, e.g. "RAS" or "PIR" (nibabel's convention)."""
-        import nibabel as nib
-
-        return "".join(nib.aff2axcodes(self.affine))
-
     # ---- derived geometry -------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, int, int]:
