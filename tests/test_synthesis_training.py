@@ -132,3 +132,16 @@ def test_fine_samples_centre_on_surfaces_carry_a_prior_and_can_hold_painted_lesi
             assert float(prior[1][femur].mean()) > 0.5
         lesion_seen |= bool((labels >= 7).any())
     assert lesion_seen
+
+
+def test_sample_workers_yield_the_same_samples_in_step_order() -> None:
+    """Resumable and deterministic with or without sample-making processes: step n's sample is seeded by n."""
+    from bml_pipeline.segment.synthesis import COARSE_CLASSES, SampleGenerator, SamplingOptions, generation_map
+    from bml_pipeline.segment.training import _sample_stream
+
+    sampler = SampleGenerator([generation_map(_knee_like(), 1.0)], COARSE_CLASSES,
+                              SamplingOptions(spacing_mm=2.0, shape=(16, 16, 16)))
+    here = [image for image, _ in _sample_stream(sampler, 3, 5, 9, 0)]
+    workers = [image for image, _ in _sample_stream(sampler, 3, 5, 9, 2)]
+    assert len(here) == len(workers) == 4
+    assert all(torch.equal(a, b) for a, b in zip(here, workers))

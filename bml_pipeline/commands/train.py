@@ -11,6 +11,9 @@ from bml_pipeline.commands import Command
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="training YAML (configs/models/<name>.yaml)")
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    parser.add_argument("--minutes", type=float, help="stop (saving everything) after this many minutes")
+    parser.add_argument("--device", help="override training.device (cpu, cuda, cuda:N, auto)")
+    parser.add_argument("--workers", type=int, help="override training.data_workers (sample-making processes)")
     parser.add_argument("--export", metavar="PATH",
                         help="do not train: write the run's latest local checkpoint as a safetensors weights file")
 
@@ -23,7 +26,12 @@ def _run(args: argparse.Namespace) -> int:
         info = export_checkpoint(load_train_config(args.config), args.export)
         print(f"exported step {info['step']} to {args.export}")
         return 0
-    ckpt = train(load_train_config(args.config), resume=not args.fresh)
+    import dataclasses
+
+    config = load_train_config(args.config)
+    overrides = {k: v for k, v in (("device", args.device), ("data_workers", args.workers)) if v is not None}
+    config = dataclasses.replace(config, training=dataclasses.replace(config.training, **overrides))
+    ckpt = train(config, resume=not args.fresh, minutes=args.minutes)
     print(f"checkpoint: {ckpt}")
     return 0
 

@@ -122,6 +122,10 @@ class TrainingConfig:
     validation_volumes: int = 8
     durable_every_s: float = 1800.0
     threads: int = 1
+    device: str = "cpu"
+    """Where the network trains: "cpu", "cuda", "cuda:N" or "auto"; samples are made on the CPU."""
+    data_workers: int = 0
+    """Processes making samples ahead of the trainer (0: made in the training process, one at a time)."""
 
 
 @dataclass(frozen=True)

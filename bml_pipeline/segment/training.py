@@ -79,12 +79,47 @@ def hard_dice(pred: np.ndarray, target: np.ndarray, n_classes: int) -> dict[int,
     return out
 
 
-def train(config: TrainConfig, resume: bool = True) -> Path:
-    """Train until ``max_steps`` or until ``<run_dir>/STOP`` exists (or SIGTERM / Ctrl-C); returns the
-    local checkpoint path. See the module docstring for where state is kept."""
+class _Samples:
+    """The training samples of steps ``start``, ``start + 1``, ... (each seeded by its step), split
+    round-robin over a DataLoader's workers so the loader yields them in step order."""
+
+    def __init__(self, sampler: Any, seed: int, start: int, stop: int) -> None:
+        self.sampler, self.seed, self.start, self.stop = sampler, seed, start, stop
+
+    def __iter__(self) -> Any:
+        import torch
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        gen = torch.Generator()
+        for step in range(self.start + worker, self.stop, workers):
+            gen.manual_seed(self.seed * 1_000_003 + step)
+            yield self.sampler.sample(gen)
+
+
+def _sample_stream(sampler: Any, seed: int, start: int, stop: int, workers: int) -> Any:
+    """Iterator over the samples of steps ``start .. stop - 1``, made here or by ``workers`` processes."""
+    import torch
+
+    samples = _Samples(sampler, seed, start, stop)
+    if workers <= 0:
+        return iter(samples)
+
+    class _Iterable(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+        def __iter__(self) -> Any:
+            return iter(samples)
+
+    return iter(torch.utils.data.DataLoader(_Iterable(), batch_size=None, num_workers=workers, prefetch_factor=4,
+                                            persistent_workers=False))
+
+
+def train(config: TrainConfig, resume: bool = True, minutes: float | None = None) -> Path:
+    """Train until ``max_steps``, ``minutes`` of wall time, ``<run_dir>/STOP`` or SIGTERM / Ctrl-C;
+    returns the local checkpoint path. See the module docstring for where state is kept."""
     import torch
 
     from bml_pipeline.segment.network import build_network
+    from bml_pipeline.segment.predictor import resolve_device
     from bml_pipeline.segment.synthesis import (
         COARSE_CLASSES,
         FULL_CLASSES,
@@ -95,6 +130,7 @@ def train(config: TrainConfig, resume: bool = True) -> Path:
 
     tc, mc = config.training, config.model
     torch.set_num_threads(tc.threads)
+    device = resolve_device(tc.device)
     run_dir = Path(tc.run_dir)
     durable = Path(tc.durable_dir) if tc.durable_dir else run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,12 +148,12 @@ def train(config: TrainConfig, resume: bool = True) -> Path:
     validation = _validation_set(cached_generation_maps(val_paths, tc.source_spacing_mm, cache), classes, options,
                                  tc.validation_volumes, tc.seed)
 
-    net = build_network(mc)
+    net = build_network(mc).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
     step, best, warmup_from = 0, -1.0, 0
     ckpt_path = run_dir / "checkpoint.pt"
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, best = int(ckpt["step"]), float(ckpt["best"])
@@ -148,7 +184,7 @@ def train(config: TrainConfig, resume: bool = True) -> Path:
         scores = []
         with torch.inference_mode():
             for image, target in validation:
-                pred = net(image[None]).argmax(1)[0].numpy()
+                pred = net(image[None].to(device)).argmax(1)[0].cpu().numpy()
                 scores.append(hard_dice(pred, target, mc.num_classes))
         net.train()
         per_class = {str(c): round(float(np.nanmean([s[c] for s in scores])), 4) for c in scores[0]}
@@ -170,18 +206,21 @@ def train(config: TrainConfig, resume: bool = True) -> Path:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     emit(event="start", resumed=step > 0, train_maps=len(train_paths), validation_volumes=len(validation))
-    gen = torch.Generator()
+    stream = _sample_stream(sampler, tc.seed, step, tc.max_steps, tc.data_workers)
+    deadline = time.time() + 60 * minutes if minutes else None  # counted from here: set-up is not training
     losses: list[float] = []
     t0 = last_durable = time.time()
     net.train()
-    while step < tc.max_steps and not stop["now"] and not (run_dir / "STOP").exists():
-        gen.manual_seed(tc.seed * 1_000_003 + step)
-        image, target = sampler.sample(gen)
+    while (step < tc.max_steps and not stop["now"] and not (run_dir / "STOP").exists()
+           and (deadline is None or time.time() < deadline)):
+        image, target = next(stream)
         lr = learning_rate(step, config, warmup_from)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss = soft_dice_ce(net(image[None]), target[None])
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = net(image[None].to(device, non_blocking=True))
+        loss = soft_dice_ce(logits.float(), target[None].to(device, non_blocking=True))
         loss.backward()
         opt.step()
         step += 1
