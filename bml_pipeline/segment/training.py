@@ -34,10 +34,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def split_label_maps(label_dir: Path, held_out: tuple[str, ...]) -> tuple[list[Path], list[Path]]:
+def split_label_maps(label_dir: Path, held_out: tuple[str, ...],
+                     cache_dir: Path | None = None) -> tuple[list[Path], list[Path]]:
     """(training, validation) label map paths; a map is held out when its name starts with any
-    ``held_out`` prefix (a subject id holds out all its visits)."""
+    ``held_out`` prefix (a subject id holds out all its visits). Without ``label_dir`` (a GPU machine
+    that got only the generation-map cache) the names come from ``cache_dir``."""
     paths = sorted(label_dir.glob("*.nii.gz"))
+    if not paths and cache_dir is not None and not label_dir.exists():
+        names = sorted({p.name.rsplit("_", 1)[0] for p in cache_dir.glob("*.npz")})
+        paths = [label_dir / f"{name}.nii.gz" for name in names]
     if not paths:
         raise InputError(label_dir, "no label maps (*.nii.gz) found")
     val = [p for p in paths if any(p.name.startswith(h) for h in held_out)]
@@ -136,14 +141,14 @@ def train(config: TrainConfig, resume: bool = True, minutes: float | None = None
     run_dir.mkdir(parents=True, exist_ok=True)
     durable.mkdir(parents=True, exist_ok=True)
     (run_dir / "STOP").unlink(missing_ok=True)
-    train_paths, val_paths = split_label_maps(Path(tc.label_dir), tc.held_out)
+    cache = run_dir / "generation_maps"
+    train_paths, val_paths = split_label_maps(Path(tc.label_dir), tc.held_out, cache)
     classes = {"coarse": COARSE_CLASSES, "full": FULL_CLASSES}[tc.targets]
     if int(classes.max()) + 1 != mc.num_classes:
         raise InputError(None, f"targets {tc.targets!r} have {int(classes.max()) + 1} classes, model {mc.num_classes}")
     options = SamplingOptions(spacing_mm=mc.working_spacing_mm, shape=tuple(tc.sample_shape),  # type: ignore[arg-type]
                               supersample=tc.supersample, percentiles=tuple(mc.inference.percentiles),  # type: ignore[arg-type]
                               focus=tc.focus, synthetic_lesions=tc.synthetic_lesions, prior_classes=mc.prior_classes)
-    cache = run_dir / "generation_maps"
     sampler = SampleGenerator(cached_generation_maps(train_paths, tc.source_spacing_mm, cache), classes, options)
     validation = _validation_set(cached_generation_maps(val_paths, tc.source_spacing_mm, cache), classes, options,
                                  tc.validation_volumes, tc.seed)
