@@ -136,7 +136,12 @@ def test_fine_samples_centre_on_surfaces_carry_a_prior_and_can_hold_painted_lesi
 
 def test_sample_workers_yield_the_same_samples_in_step_order() -> None:
     """Resumable and deterministic with or without sample-making processes: step n's sample is seeded by n."""
-    from bml_pipeline.segment.synthesis import COARSE_CLASSES, SampleGenerator, SamplingOptions, generation_map
+    from bml_pipeline.segment.synthesis import (
+        COARSE_CLASSES,
+        SampleGenerator,
+        SamplingOptions,
+        generation_map,
+    )
     from bml_pipeline.segment.training import _sample_stream
 
     sampler = SampleGenerator([generation_map(_knee_like(), 1.0)], COARSE_CLASSES,

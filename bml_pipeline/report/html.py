@@ -18,7 +18,7 @@ import numpy as np
 from bml_pipeline import __version__
 from bml_pipeline.errors import InputError
 from bml_pipeline.io import atomic_path, write_text_atomic
-from bml_pipeline.report import figures, render
+from bml_pipeline.report import figures, render, viewer
 from bml_pipeline.report.quality import quality_flags
 from bml_pipeline.report.rundir import RunData, load_run, read_json
 from bml_pipeline.report.tables import (
@@ -172,6 +172,7 @@ def render_scan_report(run: RunData, prior: RunData | None = None, *, include_id
         "version": __version__,
     }
     context.update(_figures(run, prior))
+    context["viewer"] = viewer.viewer_context(run, context["thickness_vmax"], context["lesions"])
     return environment().get_template("scan.html").render(**context)
 
 
