@@ -80,6 +80,7 @@ def process_scan(
     report: bool = True,
     extra_provenance: dict[str, Any] | None = None,
     dicom_export: bool = True,
+    series: str | None = None,
 ) -> ScanResult:
     """Measure one scan and write its run directory.
 
@@ -102,6 +103,7 @@ def process_scan(
         config: measurement configuration (None: the packaged defaults).
         report: write ``report.html``.
         extra_provenance: further entries for ``provenance.json`` (e.g. batch subject and visit).
+        series: the DICOM series instance UID to read when the image folder holds several.
         dicom_export: when the image is a DICOM series, also write ``labels_seg.dcm`` (DICOM SEG) and
             ``measurements_sr.dcm`` (TID 1500 SR) referencing it (needs ``highdicom``; docs/export.md).
 
@@ -129,7 +131,7 @@ def process_scan(
     config = config or load_measure_config()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    volume: Volume | None = read_volume(image) if image is not None else None
+    volume: Volume | None = read_volume(image, series_uid=series) if image is not None else None
     label_map = read_labels(labels, label_schema) if labels is not None else None
     timings["read"] = time.perf_counter() - t0
 

@@ -281,3 +281,18 @@ def test_atomic_writes_leave_no_temporary_files_and_usual_permissions(tmp_path: 
         tmp.write_bytes(b"partial")
         raise RuntimeError("killed mid-write")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_two_series_are_told_apart_and_one_is_chosen(tmp_path: Path, capsys) -> None:
+    """Two echoes of one acquisition share a description: the listing gives echo time and file count,
+    and --series picks one (run, segment and the manifest's series column)."""
+    from bml_pipeline.io import read_volume
+
+    write_series(tmp_path / "d", series_uid="1.2.3.1", description="Sag DESS")
+    write_series(tmp_path / "d", series_uid="1.2.3.2", description="Sag DESS", n_slices=5)
+    assert main(["info", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "1.2.3.1 (Sag DESS, TE 7.5 ms, 4 files)" in err and "1.2.3.2 (Sag DESS, TE 7.5 ms, 5 files)" in err
+    assert read_volume(tmp_path / "d", series_uid="1.2.3.2").shape[0] == 5
+    assert main(["run", str(tmp_path / "d"), "--series", "9.9", "--out", str(tmp_path / "o")]) == 2
+    assert "no DICOM series '9.9' here" in capsys.readouterr().err

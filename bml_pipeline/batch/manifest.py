@@ -26,7 +26,7 @@ from bml_pipeline.errors import InputError
 
 REQUIRED_COLUMNS = ("subject", "visit")
 PATH_COLUMNS = ("image", "labels")
-OPTIONAL_COLUMNS = ("side", "model")
+OPTIONAL_COLUMNS = ("side", "model", "series")
 KNOWN_COLUMNS = REQUIRED_COLUMNS + PATH_COLUMNS + OPTIONAL_COLUMNS
 SIDES = ("left", "right")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
@@ -43,6 +43,8 @@ class ScanSpec:
     labels: Path | None = None
     side: str | None = None
     model: str | None = None
+    series: str | None = None
+    """DICOM series instance UID, for an image folder that holds several series."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -172,7 +174,8 @@ def _validate(path: Path, columns: list[str], rows: list[tuple[int, dict[str, st
         side = row.get("side", "").lower() or None
         if side is not None and side not in SIDES:
             problems.append(f"{here}: side {row['side']!r} is not 'left', 'right' or empty")
-        specs.append(ScanSpec(subject, visit, paths["image"], paths["labels"], side, row.get("model") or None))
+        specs.append(ScanSpec(subject, visit, paths["image"], paths["labels"], side, row.get("model") or None,
+                              row.get("series") or None))
     if problems:
         listed = problems[:_MAX_LISTED]
         more = f"; ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""

@@ -144,13 +144,19 @@ def read_itk_file(path: Path) -> tuple[np.ndarray, np.ndarray, VolumeMeta]:
 
 
 def list_dicom_series(directory: Path) -> list[tuple[str, str]]:
-    """(series instance UID, series description) of every DICOM series directly in ``directory``."""
+    """(series instance UID, what tells it apart) of every DICOM series directly in ``directory``: its
+    description, echo time and number of files (two echoes of one acquisition share a description)."""
     sitk = _quiet_sitk()
 
     series = []
     for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory)) or ():
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), uid)
-        series.append((uid, _dicom_tag(files[0], TAG_SERIES_DESCRIPTION) or ""))
+        parts = [_dicom_tag(files[0], TAG_SERIES_DESCRIPTION) or "no description"]
+        echo = _dicom_tag(files[0], TAG_ECHO_TIME)
+        if echo:
+            parts.append(f"TE {echo} ms")
+        parts.append(f"{len(files)} files")
+        series.append((uid, ", ".join(parts)))
     return series
 
 
@@ -169,7 +175,7 @@ def read_dicom_series(directory: Path, series_uid: str | None = None) -> tuple[n
     uids = [uid for uid, _ in series]
     if series_uid is None:
         if len(series) > 1:
-            listing = "; ".join(f"{uid} ({desc or 'no description'})" for uid, desc in series)
+            listing = "; ".join(f"{uid} ({desc})" for uid, desc in series)
             raise InputError(directory, f"directory holds {len(series)} DICOM series, choose one with --series: {listing}")
         series_uid = uids[0]
     elif series_uid not in uids:
