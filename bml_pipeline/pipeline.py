@@ -81,6 +81,7 @@ def process_scan(
     extra_provenance: dict[str, Any] | None = None,
     dicom_export: bool = True,
     series: str | None = None,
+    acquisition_date: str | None = None,
 ) -> ScanResult:
     """Measure one scan and write its run directory.
 
@@ -104,6 +105,9 @@ def process_scan(
         report: write ``report.html``.
         extra_provenance: further entries for ``provenance.json`` (e.g. batch subject and visit).
         series: the DICOM series instance UID to read when the image folder holds several.
+        acquisition_date: ``YYYY-MM-DD`` when known (a manifest's ``date``); else the image's own date
+            (DICOM), else unknown. Recorded in provenance; the longitudinal stage turns two into an
+            interval and changes per year.
         dicom_export: when the image is a DICOM series, also write ``labels_seg.dcm`` (DICOM SEG) and
             ``measurements_sr.dcm`` (TID 1500 SR) referencing it (needs ``highdicom``; docs/export.md).
 
@@ -128,6 +132,7 @@ def process_scan(
     if image is None and labels is None:
         raise InputError(run_dir, "neither an image nor a label map was given")
     label_schema = load_schema(schema)
+    given_date = iso_date(acquisition_date, run_dir)  # a bad date is refused before any work
     config = config or load_measure_config()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -148,7 +153,9 @@ def process_scan(
     measurements = measure_labels(label_map, label_schema, side=side, image=volume, config=config,
                                   segmentation_quality=model_record.get("quality") if model_record else None)
     timings.update(measurements.timings_s)
-    extra = {"side": measurements.side.to_dict(), "model": model_record, **(extra_provenance or {})}
+    date = given_date or _image_date(volume)
+    extra = {"side": measurements.side.to_dict(), "model": model_record, "acquisition_date": date,
+             **(extra_provenance or {})}
     provenance = provenance_record(
         step="pipeline", inputs={"image": image, "labels": labels},
         config={"measure": config.to_dict(), "label_schema": label_schema.name}, timings_s=timings, extra=extra)
@@ -179,3 +186,30 @@ def process_scan(
     return ScanResult(run_dir, measurements.flat_row(), model_record is not None,
                       {k: round(v, 3) for k, v in timings.items()},
                       measurements.qc.summary() if measurements.qc is not None else "")
+
+
+def iso_date(value: str | None, source: str | Path | None = None) -> str | None:
+    """``YYYY-MM-DD`` from an ISO date or a DICOM ``YYYYMMDD`` date; None when absent.
+
+    Raises:
+        InputError: a date that is neither.
+    """
+    import datetime as dt
+
+    if not value:
+        return None
+    text = str(value).strip()
+    for fmt in ("%Y-%m-%d", "%Y%m%d"):
+        try:
+            return dt.datetime.strptime(text, fmt).date().isoformat()
+        except ValueError:
+            continue
+    raise InputError(source, f"acquisition date {text!r} is not YYYY-MM-DD (or DICOM YYYYMMDD)")
+
+
+def _image_date(volume: Volume | None) -> str | None:
+    """The image's own acquisition date (DICOM), as ISO; None when absent or unreadable."""
+    try:
+        return iso_date(volume.meta.acquisition_date if volume is not None else None)
+    except InputError:
+        return None

@@ -26,7 +26,7 @@ from bml_pipeline.errors import InputError
 
 REQUIRED_COLUMNS = ("subject", "visit")
 PATH_COLUMNS = ("image", "labels")
-OPTIONAL_COLUMNS = ("side", "model", "series")
+OPTIONAL_COLUMNS = ("side", "model", "series", "date")
 KNOWN_COLUMNS = REQUIRED_COLUMNS + PATH_COLUMNS + OPTIONAL_COLUMNS
 SIDES = ("left", "right")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
@@ -45,6 +45,8 @@ class ScanSpec:
     model: str | None = None
     series: str | None = None
     """DICOM series instance UID, for an image folder that holds several series."""
+    date: str | None = None
+    """Acquisition date ``YYYY-MM-DD`` (else the image's own, when DICOM)."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -174,8 +176,11 @@ def _validate(path: Path, columns: list[str], rows: list[tuple[int, dict[str, st
         side = row.get("side", "").lower() or None
         if side is not None and side not in SIDES:
             problems.append(f"{here}: side {row['side']!r} is not 'left', 'right' or empty")
+        date = row.get("date", "").strip() or None
+        if date is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", date):
+            problems.append(f"{here}: date {row['date']!r} is not YYYY-MM-DD")
         specs.append(ScanSpec(subject, visit, paths["image"], paths["labels"], side, row.get("model") or None,
-                              row.get("series") or None))
+                              row.get("series") or None, date))
     if problems:
         listed = problems[:_MAX_LISTED]
         more = f"; ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""

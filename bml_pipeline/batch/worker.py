@@ -134,6 +134,7 @@ def pipeline_scan(spec: ScanSpec, run_dir: Path, settings: BatchSettings,
     from bml_pipeline.pipeline import process_scan
 
     result = process_scan(run_dir, image=spec.image, labels=spec.labels, side=spec.side, series=spec.series,
+                          acquisition_date=spec.date,
                           model=spec.model or settings.model, device=settings.device, schema=settings.schema,
                           config=load_measure_config(settings.config_file), report=settings.report,
                           extra_provenance=provenance)
@@ -147,7 +148,7 @@ def settings_for(spec: ScanSpec, settings: BatchSettings) -> dict[str, Any]:
 
     return {"version": __version__, "schema": settings.schema, "model": model_for(spec, settings),
             "measure": load_measure_config(settings.config_file).to_dict(), "side": spec.side,
-            "series": spec.series, "report": settings.report}
+            "series": spec.series, "date": spec.date, "report": settings.report}
 
 
 def model_for(spec: ScanSpec, settings: BatchSettings) -> str | None:

@@ -15,6 +15,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run directory to write")
     parser.add_argument("--side", choices=("left", "right"), help="knee side when the file does not say it")
     parser.add_argument("--series", metavar="UID", help="DICOM series to read when the folder holds several")
+    parser.add_argument("--date", metavar="YYYY-MM-DD", help="acquisition date (default: the DICOM's own)")
     parser.add_argument("--model", help="segmentation model name or weights path (default: the shipped model)")
     parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N")
     parser.add_argument("--tta", action="store_true", help="average with the medial-lateral mirror")
@@ -37,6 +38,7 @@ def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = process_scan(args.out, image=args.image, labels=args.labels, side=args.side, model=args.model,
                           device=args.device, tta=args.tta, schema=args.schema, config=config, series=args.series,
+                          acquisition_date=args.date,
                           report=not args.no_report)
     row = result.row
     if row.get("qc_status") not in (None, "pass"):

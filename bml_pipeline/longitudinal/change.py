@@ -84,6 +84,9 @@ class ChangeConfig:
             pairs the thickness-change error fell from up to 0.83 pp (3 mm) to 0.40 pp. On the small
             tibial plate the rim costs area: its change is about twice as noisy as the femoral one.
         decimals: rounding of every reported number (byte-identical reruns).
+        min_percent_baseline_cm3: a BML change in percent of a baseline below this volume is not reported
+            (``delta_percent`` null, ``percent_withheld`` says why): percent of a near-zero baseline is
+            noise (a 0.05 cm3 speck growing to 0.2 cm3 is "+300 %"); use ``delta_cm3`` there.
     """
 
     align: AlignConfig = field(default_factory=AlignConfig)
@@ -93,6 +96,7 @@ class ChangeConfig:
     max_centroid_mm: float = 5.0
     rim_exclusion_mm: float = 5.0
     decimals: int = 6
+    min_percent_baseline_cm3: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,10 @@ class Change:
         bml: dict[str, Any] = {}
         for bone, (b, f) in self.bml.items():
             entry = _delta(b, f, "_cm3", d)
+            if entry["delta_percent"] is not None and b is not None and b < self.config.min_percent_baseline_cm3:
+                entry["delta_percent"] = None
+                entry["percent_withheld"] = (f"baseline {b:.3f} cm3 is below {self.config.min_percent_baseline_cm3:g} "
+                                             "cm3: percent change is not meaningful, use delta_cm3")
             if bone in self.bml_subregions:
                 entry["subregions"] = {name: _delta(sb, sf, "_cm3", d)
                                        for name, (sb, sf) in self.bml_subregions[bone].items()}
@@ -269,15 +277,16 @@ def change_row(change: dict[str, Any], **ids: Any) -> dict[str, Any]:
     """
     row: dict[str, Any] = dict(ids)
     row["side"] = change.get("side")
+    row["interval_days"] = change.get("interval_days")
     for bone, e in change.get("bml", {}).items():
-        for key in ("baseline_cm3", "followup_cm3", "delta_cm3", "delta_percent"):
+        for key in ("baseline_cm3", "followup_cm3", "delta_cm3", "delta_percent", "delta_cm3_per_year"):
             row[f"bml_{bone}_{key}"] = e.get(key)
         for status in ("persisting", "new", "resolved"):
             if "lesions" in e:
                 row[f"bml_{bone}_lesions_{status}"] = e["lesions"][status]["count"]
     for plate, e in change.get("cartilage", {}).items():
         for key in ("thickness_mean_baseline_mm", "thickness_mean_followup_mm", "delta_mm", "delta_percent",
-                    "volume_delta_cm3"):
+                    "delta_mm_per_year", "delta_percent_per_year", "volume_delta_cm3"):
             row[f"cartilage_{plate}_{key}"] = e.get(key)
     for bone, e in change.get("alignment", {}).items():
         for key in ("rotation_deg", "translation_mm", "residual"):

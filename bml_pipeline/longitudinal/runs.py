@@ -27,6 +27,8 @@ class Visit:
     schema: LabelSchema
     measure_config: Any
     subject: str | None
+    date: str | None
+    """Acquisition date (ISO ``YYYY-MM-DD``) recorded by the run, else None."""
 
 
 def subject_of(provenance: dict[str, Any]) -> str | None:
@@ -52,7 +54,9 @@ def load_visit(run_dir: str | Path) -> Visit:
     recorded = run.provenance.get("config", {}).get("measure") if isinstance(run.provenance.get("config"), dict) else None
     config = MeasureConfig.from_dict(recorded, Path(run_dir) / "provenance.json") if isinstance(recorded, dict) \
         else MeasureConfig()
-    return Visit(Path(run_dir), run.labels, run.measurements, run.schema, config, subject_of(run.provenance))
+    date = run.provenance.get("acquisition_date")
+    return Visit(Path(run_dir), run.labels, run.measurements, run.schema, config, subject_of(run.provenance),
+                 date if isinstance(date, str) and date else None)
 
 
 def compare_runs(baseline_dir: str | Path, followup_dir: str | Path, *, side: str | None = None,
@@ -77,5 +81,29 @@ def compare_runs(baseline_dir: str | Path, followup_dir: str | Path, *, side: st
         raise InputError(followup_dir, f"subject {foll.subject!r} is not the baseline's {base.subject!r}")
     change = compare_visits(base.labels, foll.labels, base.schema, baseline_measurements=base.measurements,
                             followup_measurements=foll.measurements, side=side,
-                            measure_config=base.measure_config, force=allow_mismatch)
-    return change.to_dict()
+                            measure_config=base.measure_config, force=allow_mismatch).to_dict()
+    if base.date and foll.date and foll.date < base.date:
+        raise InputError(followup_dir, f"follow-up acquired {foll.date}, before the baseline ({base.date})")
+    return with_rates(change, base.date, foll.date)
+
+
+def with_rates(change: dict[str, Any], baseline_date: str | None, followup_date: str | None) -> dict[str, Any]:
+    """``change`` with ``interval_days`` (None when a date is unknown) and changes per year (365.25 days):
+    ``delta_cm3_per_year`` per bone, ``delta_mm_per_year`` and ``delta_percent_per_year`` per plate."""
+    import datetime as dt
+
+    days = None
+    if baseline_date and followup_date:
+        days = (dt.date.fromisoformat(followup_date) - dt.date.fromisoformat(baseline_date)).days
+    years = days / 365.25 if days else None
+
+    def rate(value: float | None) -> float | None:
+        return None if value is None or years is None else round(value / years, 6)
+
+    change = {**change, "interval_days": days, "baseline_date": baseline_date, "followup_date": followup_date}
+    for entry in change.get("bml", {}).values():
+        entry["delta_cm3_per_year"] = rate(entry.get("delta_cm3"))
+    for entry in change.get("cartilage", {}).values():
+        entry["delta_mm_per_year"] = rate(entry.get("delta_mm"))
+        entry["delta_percent_per_year"] = rate(entry.get("delta_percent"))
+    return change
