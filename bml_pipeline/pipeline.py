@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NO_MODEL = "no labels and no segmentation model available"
-DEFAULT_MODEL = "knee_synth_v1"
+DEFAULT_MODEL = "knee_coarse_v2"
+"""Bones and cartilage plates; it has no lesion classes, so segmented scans report BML as not measured
+(QC ``not_segmented``) until the cascade's fine stage is trained (training/README.md)."""
 
 
 @dataclass(frozen=True)

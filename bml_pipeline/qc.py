@@ -12,6 +12,8 @@ Checks, each ``pass``, ``warn`` or ``fail``, in world RAS millimetres (any array
 - **orientation**: the femur-tibia long axis within 45 degrees of the image's superior axis.
 - **confidence** (segmented scans): the model's mean max-probability per structure, and, with
   flip test-time augmentation, the agreement (Dice) of the prediction with its mirror.
+- **not segmented**: structures the model cannot label (a bones-and-cartilage model has no lesion
+  classes): a warning, and those structures are unreliable (their volume would read 0, not "absent").
 
 A structure with a failed check is *unreliable*: its measures are marked so in ``measurements.json``
 and the report. The overall status is the worst check's.
@@ -75,7 +77,7 @@ class QcResult:
     @property
     def unreliable(self) -> tuple[str, ...]:
         names: list[str] = []
-        for c in self.failures:
+        for c in (*self.failures, *(c for c in self.checks if c.name == "not_segmented")):
             names += [s for s in c.structures if s not in names]
         return tuple(names)
 
@@ -105,9 +107,11 @@ def reference_ranges(schema_name: str) -> dict[str, tuple[float, float]]:
 
 def check_labels(labels: Volume, schema: LabelSchema, volumes_cm3: dict[str, float | None],
                  confidence: dict[str, float] | None = None,
-                 tta_agreement: dict[str, float] | None = None) -> QcResult:
+                 tta_agreement: dict[str, float] | None = None,
+                 not_segmented: list[str] | None = None) -> QcResult:
     """Run every check on ``labels`` (``volumes_cm3``: structure volumes already measured, None when
-    absent; ``confidence`` and ``tta_agreement``: per structure name, from the segmentation stage)."""
+    absent; ``confidence`` and ``tta_agreement``: per structure name, from the segmentation stage;
+    ``not_segmented``: structures the model has no class for)."""
     metrics: dict[str, Any] = {}
     checks = [*_volume_checks(volumes_cm3, schema)]
     step = max(1, round(1.0 / min(labels.spacing)))  # work on a ~1 mm subsample
@@ -127,6 +131,9 @@ def check_labels(labels: Volume, schema: LabelSchema, volumes_cm3: dict[str, flo
         checks.append(Check("confidence", "warn" if low else "pass",
                             f"low model confidence (mean max-probability < {LOW_CONFIDENCE}) for {', '.join(low)}"
                             if low else "model confident for every structure", tuple(low)))
+    if not_segmented:
+        checks.append(Check("not_segmented", "warn", "the segmentation model does not label "
+                            f"{', '.join(not_segmented)}: not measured", tuple(not_segmented)))
     if tta_agreement:
         metrics["tta_agreement_dice"] = {k: round(v, 3) for k, v in tta_agreement.items()}
         low = [k for k, v in tta_agreement.items() if v < LOW_TTA_AGREEMENT]

@@ -95,7 +95,7 @@ def test_bad_manifest_cannot_start(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (f"bml-pipeline: error: {manifest}: unknown columns ['extra'] "
                                                     "(known: ['subject', 'visit', 'image', 'labels', 'side', "
-                                                    "'model'])")
+                                                    "'model', 'series', 'date'])")
     assert not (tmp_path / "out").exists()
 
 

@@ -19,7 +19,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", help="NIfTI/MHA/NRRD file or DICOM directory")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--series", metavar="UID", help="DICOM series to read when the folder holds several")
-    parser.add_argument("--model", default="knee_synth_v1", help="shipped model name or weights path")
+    parser.add_argument("--model", help="shipped model name or weights path (default: the shipped default model)")
     parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N")
     parser.add_argument("--force", action="store_true", help="replace an earlier result in --out")
     parser.add_argument("--tta", action="store_true", help="average with the medial-lateral mirror")
@@ -49,7 +49,9 @@ def _run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, force=args.force)
     t0 = time.perf_counter()
     image = read_volume(args.image, series_uid=args.series)
-    predictor = Predictor.load(args.model, device=args.device)
+    from bml_pipeline.pipeline import DEFAULT_MODEL
+
+    predictor = Predictor.load(args.model or DEFAULT_MODEL, device=args.device)
     labels = predictor.segment(image, tta=args.tta)
     cfg = predictor.config
     if args.refine_bml:

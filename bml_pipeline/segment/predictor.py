@@ -1,6 +1,6 @@
 """The predictor: loads a network once, then segments many scans.
 
-``Predictor.load("knee_synth_v1").segment(image)`` returns an oai_zib label :class:`Volume` on the
+``Predictor.load("knee_coarse_v2").segment(image)`` returns an oai_zib label :class:`Volume` on the
 image's own grid with its affine. Steps: percentile intensity normalisation of the input, resampling to
 the RAS-aligned working grid, MONAI sliding-window inference (Gaussian blending, optional
 medial-lateral flip TTA), probabilities back to the input grid and argmax, lesions constrained to bone.
@@ -80,11 +80,11 @@ class Predictor:
     weights_path: str
     device: Any
     timings: dict[str, float] = field(default_factory=dict)
-    quality: dict[str, dict[str, float]] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
     coarse: Predictor | None = None
 
     @classmethod
-    def load(cls, name_or_path: str | Path = "knee_synth_v1", device: str = "auto") -> Predictor:
+    def load(cls, name_or_path: str | Path = "knee_coarse_v2", device: str = "auto") -> Predictor:
         """Load a shipped model by name or a weights file by path (never downloads anything); a fine
         model loads its coarse model too."""
         path = resolve_model(name_or_path)
@@ -135,7 +135,8 @@ class Predictor:
         probs = predict_probabilities(self.network, work, cfg.inference, self.device, tta=tta, agreement=agreement)
         schema = load_schema(cfg.schema)
         names = {s.id: s.name for s in schema.structures}
-        self.quality = {"confidence": {names[c]: round(v, 4) for c, v in class_confidence(probs).items()}}
+        self.quality = {"confidence": {names[c]: round(v, 4) for c, v in class_confidence(probs).items()},
+                        "not_segmented": [s.name for s in schema.structures if s.id >= cfg.num_classes]}
         if tta:
             self.quality["tta_agreement"] = {names[c]: round(v, 4) for c, v in agreement.items()}
         t["inference"] = time.perf_counter()
