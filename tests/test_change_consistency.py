@@ -36,6 +36,7 @@ def test_batch_with_config_and_cli_give_the_same_change(pair_manifest: Path, tmp
     assert main(["-q", "longitudinal", "--baseline", str(out / "k" / "00m"), "--followup", str(out / "k" / "12m"),
                  "--out", str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "change.json").read_bytes() == batch_change
+    _same_quantity_same_value_everywhere(out)
     # And the configuration mattered: with the defaults the change differs.
     default = tmp_path / "default"
     assert main(["-q", "batch", str(pair_manifest), "--out", str(default), "--workers", "0", "--no-progress"]) == 0
@@ -52,3 +53,30 @@ def test_runs_measured_with_different_configurations_are_not_compared(pair_manif
     assert main(["longitudinal", "--baseline", str(tmp_path / "a"), "--followup", str(tmp_path / "b"),
                  "--out", str(tmp_path / "c")]) == 2
     assert "measured with another measure configuration" in capsys.readouterr().err
+
+
+def _same_quantity_same_value_everywhere(out: Path) -> None:
+    """cohort.csv and measurements.json give the whole plate's mean thickness; changes.csv and change.json
+    the common region's, under names that say so."""
+    import csv
+    import json
+
+    change = json.loads(next((out / "k" / "changes").glob("*/change.json")).read_text())
+    assert "common region" in change["thickness_region"]
+    with (out / "changes.csv").open(newline="") as fh:
+        row = next(csv.DictReader(fh))
+    common = change["cartilage"]["femoral_cartilage"]
+    assert float(row["cartilage_femoral_cartilage_common_region_thickness_mean_baseline_mm"]) == \
+        pytest.approx(common["thickness_mean_baseline_mm"], abs=1e-9)
+    assert float(row["cartilage_femoral_cartilage_common_region_delta_percent"]) == \
+        pytest.approx(common["delta_percent"], abs=1e-9)
+    assert not any("thickness" in c and "common_region" not in c for c in row)
+    with (out / "cohort.csv").open(newline="") as fh:
+        scans = {r["visit"]: r for r in csv.DictReader(fh)}
+    for visit in ("00m", "12m"):
+        m = json.loads((out / "k" / visit / "measurements.json").read_text())
+        whole = m["cartilage"]["femoral_cartilage"]["thickness_mm"]["mean"]
+        assert float(scans[visit]["cartilage.femoral_cartilage.thickness_mm.mean"]) == pytest.approx(whole, abs=1e-9)
+    # The two regions differ, which is why each name says which one it is.
+    assert common["thickness_mean_baseline_mm"] != pytest.approx(
+        float(scans["00m"]["cartilage.femoral_cartilage.thickness_mm.mean"]), abs=1e-4)

@@ -222,7 +222,7 @@ def test_change_json_contract(change, pair):
     for a in d["alignment"].values():
         assert {"rotation_deg", "translation_mm", "residual"} <= set(a)
     row = change_row(d, subject="s1")
-    assert row["subject"] == "s1" and row["cartilage_femoral_cartilage_delta_percent"] == \
+    assert row["subject"] == "s1" and row["cartilage_femoral_cartilage_common_region_delta_percent"] == \
         d["cartilage"]["femoral_cartilage"]["delta_percent"]
 
 

@@ -25,7 +25,7 @@ from bml_pipeline.longitudinal.power import (
 )
 
 BML = "bml_femur_delta_cm3"
-THICK = "cartilage_femoral_cartilage_delta_percent"
+THICK = "cartilage_femoral_cartilage_common_region_delta_percent"
 
 
 def test_textbook_example_to_the_knee():

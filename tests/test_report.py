@@ -222,9 +222,9 @@ def test_change_direction_and_progression():
     rows = {(r.group, r.name): r for r in change_rows(None, base, follow)}
     total = rows[("BML volume", "total")]
     assert total.direction == "increase" and total.worse and total.delta_percent == pytest.approx(40)
-    thick = rows[("Mean cartilage thickness", "femoral_cartilage")]
+    thick = rows[("Mean cartilage thickness, whole plate", "femoral_cartilage")]  # no change.json: whole-plate means
     assert thick.direction == "decrease" and thick.worse and thick.delta == pytest.approx(-0.1)
-    assert rows[("Mean cartilage thickness", "patellar_cartilage")].direction == "absent"
+    assert rows[("Mean cartilage thickness, whole plate", "patellar_cartilage")].direction == "absent"
     from_file = change_rows({"bml": {"total": {"baseline_cm3": 1.0, "followup_cm3": 0.5, "delta_cm3": -0.5,
                                                "delta_percent": -50.0}}}, base, follow)
     assert from_file[3].direction == "decrease" and from_file[3].worse is False

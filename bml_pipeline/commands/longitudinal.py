@@ -65,7 +65,7 @@ def summary(change: dict[str, Any]) -> str:
         lines.append(f"BML {bone:<9} {num(e['baseline_cm3'], '.3f')} -> {num(e['followup_cm3'], '.3f')} cm3 "
                      f"(delta {num(e['delta_cm3'], '+.3f')} cm3, {num(e['delta_percent'], '+.1f')} %)")
     for plate, e in change["cartilage"].items():
-        lines.append(f"{plate:<19} thickness {num(e['thickness_mean_baseline_mm'], '.3f')} -> "
+        lines.append(f"{plate:<19} thickness (common region) {num(e['thickness_mean_baseline_mm'], '.3f')} -> "
                      f"{num(e['thickness_mean_followup_mm'], '.3f')} mm (delta {num(e['delta_mm'], '+.3f')} mm, "
                      f"{num(e['delta_percent'], '+.2f')} %), volume delta {num(e['volume_delta_cm3'], '+.3f')} cm3")
     for bone, a in change["alignment"].items():

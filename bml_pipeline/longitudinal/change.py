@@ -58,6 +58,12 @@ class KneeMismatchError(InputError):
     """The two scans are not of the same knee (side or bone shapes differ)."""
 
 
+THICKNESS_REGION = ("cartilage thickness_* and delta_* values are means over the common region: interface points "
+                    "present at both visits after alignment, without the plate's outer rim (rim_exclusion_mm) and "
+                    "points near either field of view (view_margin_mm); they are not the whole-plate means of "
+                    "measurements.json. volume_* values are whole-plate.")
+
+
 @dataclass(frozen=True)
 class ChangeConfig:
     """Parameters of the change computation (lengths in mm).
@@ -166,6 +172,7 @@ class Change:
             "baseline": {"labels": self.sources.get("baseline")},
             "followup": {"labels": self.sources.get("followup")},
             "same_knee": {"forced": self.forced, "problem": self.mismatch},
+            "thickness_region": THICKNESS_REGION,
             "bml": bml,
             "cartilage": cartilage,
             "alignment": {bone: a.to_dict() for bone, a in self.alignment.items()},
@@ -272,8 +279,10 @@ def change_row(change: dict[str, Any], **ids: Any) -> dict[str, Any]:
 
     ``ids`` (e.g. subject, baseline_visit, followup_visit) come first; then ``side``, and per bone / plate
     ``bml_<bone>_{baseline,followup,delta}_cm3``, ``bml_<bone>_delta_percent``, lesion counts,
-    ``cartilage_<plate>_thickness_mean_{baseline,followup}_mm``, ``..._delta_mm``, ``..._delta_percent``,
-    ``..._volume_delta_cm3``, and ``alignment_<bone>_{rotation_deg,translation_mm,residual}``.
+    ``cartilage_<plate>_common_region_thickness_mean_{baseline,followup}_mm``, ``..._common_region_delta_mm``,
+    ``..._common_region_delta_percent`` (thickness over the region both visits cover: not the whole-plate
+    mean of ``cohort.csv``), ``cartilage_<plate>_whole_plate_volume_delta_cm3``, rates per year, and
+    ``alignment_<bone>_{rotation_deg,translation_mm,residual}``.
     """
     row: dict[str, Any] = dict(ids)
     row["side"] = change.get("side")
@@ -285,9 +294,11 @@ def change_row(change: dict[str, Any], **ids: Any) -> dict[str, Any]:
             if "lesions" in e:
                 row[f"bml_{bone}_lesions_{status}"] = e["lesions"][status]["count"]
     for plate, e in change.get("cartilage", {}).items():
+        # Thickness here is the common region's (THICKNESS_REGION); volume is the whole plate's.
         for key in ("thickness_mean_baseline_mm", "thickness_mean_followup_mm", "delta_mm", "delta_percent",
-                    "delta_mm_per_year", "delta_percent_per_year", "volume_delta_cm3"):
-            row[f"cartilage_{plate}_{key}"] = e.get(key)
+                    "delta_mm_per_year", "delta_percent_per_year"):
+            row[f"cartilage_{plate}_common_region_{key}"] = e.get(key)
+        row[f"cartilage_{plate}_whole_plate_volume_delta_cm3"] = e.get("volume_delta_cm3")
     for bone, e in change.get("alignment", {}).items():
         for key in ("rotation_deg", "translation_mm", "residual"):
             row[f"alignment_{bone}_{key}"] = e.get(key)

@@ -45,9 +45,9 @@ def _short_names() -> dict[str, str]:
     for adjective, (bone, plate) in _PLACES.items():
         names[f"{adjective}_bml"] = f"bml_{bone}_delta_cm3"
         names[f"{adjective}_bml_pct"] = f"bml_{bone}_delta_percent"
-        names[f"{adjective}_cartilage_thickness_mm"] = f"cartilage_{plate}_delta_mm"
-        names[f"{adjective}_cartilage_thickness_pct"] = f"cartilage_{plate}_delta_percent"
-        names[f"{adjective}_cartilage_volume"] = f"cartilage_{plate}_volume_delta_cm3"
+        names[f"{adjective}_cartilage_thickness_mm"] = f"cartilage_{plate}_common_region_delta_mm"
+        names[f"{adjective}_cartilage_thickness_pct"] = f"cartilage_{plate}_common_region_delta_percent"
+        names[f"{adjective}_cartilage_volume"] = f"cartilage_{plate}_whole_plate_volume_delta_cm3"
     names["total_bml"] = "bml_total_delta_cm3"
     names["total_bml_pct"] = "bml_total_delta_percent"
     return names
@@ -56,7 +56,7 @@ def _short_names() -> dict[str, str]:
 SHORT_NAMES: dict[str, str] = _short_names()
 """Short measure names accepted by ``--effect``/``--loa`` -> changes-table column."""
 
-DEFAULT_EFFECTS: dict[str, float] = {"bml_femur_delta_cm3": -2.1, "cartilage_femoral_cartilage_delta_percent": 2.4}
+DEFAULT_EFFECTS: dict[str, float] = {"bml_femur_delta_cm3": -2.1, "cartilage_femoral_cartilage_common_region_delta_percent": 2.4}
 """Effects used when none is given: femoral BML volume change -2.1 cm3, femoral cartilage mean thickness
 change +2.4 % (percentage points of the per-knee percent change)."""
 

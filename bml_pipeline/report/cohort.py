@@ -164,11 +164,11 @@ def baseline_followup_figure(changes: Any) -> str | None:
     if {"bml_total_baseline_cm3", "bml_total_followup_cm3"} <= set(changes.columns):
         panels.append(("BML volume per knee", "cm³", {"BML": ("bml_total_baseline_cm3", "bml_total_followup_cm3")},
                        {"BML": render.hex_colour(render.PALETTE["lesion"])}))
-    plates = {pretty(p): (f"cartilage_{p}_thickness_mean_baseline_mm", f"cartilage_{p}_thickness_mean_followup_mm")
-              for p in PLATES}
+    plates = {pretty(p): (f"cartilage_{p}_common_region_thickness_mean_baseline_mm",
+                          f"cartilage_{p}_common_region_thickness_mean_followup_mm") for p in PLATES}
     plates = {k: v for k, v in plates.items() if set(v) <= set(changes.columns)}
     if plates:
-        panels.append(("Mean cartilage thickness per knee", "mm", plates,
+        panels.append(("Mean cartilage thickness per knee (region both visits cover)", "mm", plates,
                        {pretty(p): _PLATE_COLOURS[p] for p in PLATES}))
     drawn = []
     for title, unit, series, colours in panels:

@@ -185,7 +185,8 @@ def change_rows(change: dict[str, Any] | None, baseline: dict[str, Any], followu
             b = number(mapping(mapping(base_c.get(plate)).get("thickness_mm")).get("mean"))
             f = number(mapping(mapping(follow_c.get(plate)).get("thickness_mm")).get("mean"))
             values = [b, f, *_delta(b, f)]
-        rows.append(_change_row("Mean cartilage thickness", plate, "mm", values, worse_when="decrease"))
+        label = "Mean cartilage thickness, common region" if entry else "Mean cartilage thickness, whole plate"
+        rows.append(_change_row(label, plate, "mm", values, worse_when="decrease"))
     return rows
 
 
