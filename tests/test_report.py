@@ -320,3 +320,19 @@ def test_corrupt_optional_files_become_notes(tmp_path):
     html = render_scan_report(load_run(run))
     assert "thickness map not shown" in html and "image not shown" in html
     assert "No thickness maps in this run." in html and "rendering of the labels" in html
+
+
+def test_change_table_shows_each_subregion_under_its_plate():
+    """akoa_9031930: the medial tibia lost 21.6 % while the whole plate lost 11.4 %: a reader must see both."""
+    change = {"cartilage": {"tibial_cartilage": {
+        "thickness_mean_baseline_mm": 2.0, "thickness_mean_followup_mm": 1.772, "delta_mm": -0.228,
+        "delta_percent": -11.4, "subregions": {
+            "medial": {"thickness_mean_baseline_mm": 2.5, "thickness_mean_followup_mm": 1.96, "delta_mm": -0.54,
+                       "delta_percent": -21.6},
+            "lateral": {"thickness_mean_baseline_mm": None, "thickness_mean_followup_mm": None, "delta_mm": None,
+                        "delta_percent": None}}}}}
+    rows = change_rows(change, measurements(), measurements())
+    plate = [r for r in rows if r.name == "tibial_cartilage"]
+    assert [r.subregion for r in plate] == [None, "medial"]
+    assert plate[0].delta_percent == pytest.approx(-11.4) and plate[1].delta_percent == pytest.approx(-21.6)
+    assert plate[1].group == "Mean cartilage thickness, common region" and plate[1].worse

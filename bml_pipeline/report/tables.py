@@ -7,7 +7,7 @@ a partial file. Units: volumes in cm3, lengths in mm, centroids in world RAS mm.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,8 @@ class ChangeRow:
     delta_percent: float | None
     direction: str  # "increase" | "decrease" | "no change" | "absent"
     worse: bool | None
+    subregion: str | None = None
+    """Set on a subregion's row (shown indented under its bone or plate)."""
 
 
 def number(value: Any) -> float | None:
@@ -168,6 +170,10 @@ def change_rows(change: dict[str, Any] | None, baseline: dict[str, Any], followu
         entry = mapping(bml_change.get(bone))
         if entry:
             values = [number(entry.get(k)) for k in ("baseline_cm3", "followup_cm3", "delta_cm3", "delta_percent")]
+            rows.append(_change_row("BML volume", bone, "cm3", values, worse_when="increase"))
+            rows += _subregion_rows("BML volume", bone, "cm3", entry, ("baseline_cm3", "followup_cm3", "delta_cm3"),
+                                    "increase")
+            continue
         else:
             key = "total_volume_cm3"
             b = number(base_bml.get(key)) if bone == "total" else number(mapping(base_bml.get(bone)).get("volume_cm3"))
@@ -181,12 +187,16 @@ def change_rows(change: dict[str, Any] | None, baseline: dict[str, Any], followu
         if entry:
             values = [number(entry.get(k)) for k in ("thickness_mean_baseline_mm", "thickness_mean_followup_mm",
                                                      "delta_mm", "delta_percent")]
+            rows.append(_change_row("Mean cartilage thickness, common region", plate, "mm", values,
+                                    worse_when="decrease"))
+            rows += _subregion_rows("Mean cartilage thickness, common region", plate, "mm", entry,
+                                    ("thickness_mean_baseline_mm", "thickness_mean_followup_mm", "delta_mm"), "decrease")
+            continue
         else:
             b = number(mapping(mapping(base_c.get(plate)).get("thickness_mm")).get("mean"))
             f = number(mapping(mapping(follow_c.get(plate)).get("thickness_mm")).get("mean"))
             values = [b, f, *_delta(b, f)]
-        label = "Mean cartilage thickness, common region" if entry else "Mean cartilage thickness, whole plate"
-        rows.append(_change_row(label, plate, "mm", values, worse_when="decrease"))
+        rows.append(_change_row("Mean cartilage thickness, whole plate", plate, "mm", values, worse_when="decrease"))
     return rows
 
 
@@ -202,6 +212,19 @@ def _delta(b: float | None, f: float | None) -> list[float | None]:
     if b is None or f is None:
         return [None, None]
     return [f - b, (f - b) / b * 100.0 if b > 0 else None]
+
+
+def _subregion_rows(group: str, name: str, unit: str, entry: dict[str, Any], keys: tuple[str, str, str],
+                    worse_when: str) -> list[ChangeRow]:
+    """One row per subregion of a ``change.json`` bone or plate entry that has a value at either visit."""
+    rows = []
+    for sub, values in mapping(entry.get("subregions")).items():
+        b, f, d = (number(mapping(values).get(k)) for k in keys)
+        if b is None and f is None:
+            continue
+        row = _change_row(group, name, unit, [b, f, d, number(mapping(values).get("delta_percent"))], worse_when)
+        rows.append(replace(row, subregion=str(sub)))
+    return rows
 
 
 def _change_row(group: str, name: str, unit: str, values: list[float | None], worse_when: str) -> ChangeRow:
