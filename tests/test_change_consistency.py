@@ -77,6 +77,14 @@ def _same_quantity_same_value_everywhere(out: Path) -> None:
         m = json.loads((out / "k" / visit / "measurements.json").read_text())
         whole = m["cartilage"]["femoral_cartilage"]["thickness_mm"]["mean"]
         assert float(scans[visit]["cartilage.femoral_cartilage.thickness_mm.mean"]) == pytest.approx(whole, abs=1e-9)
+    with (out / "cohort_long.csv").open(newline="") as fh:
+        long = {(r["visit"], r["structure"], r["region"], r["measure"]): (float(r["value"]), r["unit"])
+                for r in csv.DictReader(fh)}
+    assert long[("00m", "femoral_cartilage", "whole_plate", "thickness_mean")] == pytest.approx(
+        (float(scans["00m"]["cartilage.femoral_cartilage.thickness_mm.mean"]), "mm"))
+    assert long[("00m->12m", "femoral_cartilage", "common_region", "thickness_delta_percent")] == pytest.approx(
+        (common["delta_percent"], "%"))
+    assert long[("00m->12m", "femur", "whole_bone", "bml_delta")][1] == "cm3"
     # The two regions differ, which is why each name says which one it is.
     assert common["thickness_mean_baseline_mm"] != pytest.approx(
         float(scans["00m"]["cartilage.femoral_cartilage.thickness_mm.mean"]), abs=1e-4)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bml_pipeline.batch.changes import PairFunction, PairTask, visit_pairs
-from bml_pipeline.batch.cohort import write_changes, write_cohort_tables, write_errors
+from bml_pipeline.batch.cohort import write_changes, write_cohort_tables, write_errors, write_long_table
 from bml_pipeline.batch.executors import Executor
 from bml_pipeline.batch.manifest import ScanSpec
 from bml_pipeline.batch.worker import (
@@ -126,6 +126,7 @@ def run_batch(
         _remove_partial(unfinished.values())
         raise
     changes = write_changes(out, change_rows)
+    write_long_table(out, cohort, changes)
     stats = write_cohort_stats(out, changes)
     errors = write_errors(out, summary.failures)
     try:
