@@ -40,6 +40,13 @@ TERMINATE_GRACE_S = 3.0
 """Seconds an interrupted batch gives its worker processes to exit on SIGTERM before killing them."""
 CLOSE_TIMEOUT_S = 10
 """Seconds allowed to close a Dask client or LocalCluster."""
+DASK_LOGGERS = ("distributed", "dask")
+"""Dask's loggers; ``bml-pipeline batch`` keeps them at WARNING unless ``--verbose`` (their INFO lines flood a
+terminal: one per worker start, connection, plugin ...)."""
+DASK_LOG_ENV = "DASK_LOGGING__DISTRIBUTED"
+"""Dask config variable (``logging.distributed``) read when ``distributed`` is imported, here and in the
+worker processes a LocalCluster starts (they inherit it)."""
+_dask_log_level: int | None = None  # None: leave Dask's own logging configuration alone
 
 
 class Executor(Protocol):
@@ -51,6 +58,23 @@ class Executor(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
     def run(self, tasks: Sequence[Job]) -> Iterator[tuple[Job, ScanOutcome]]: ...
+
+
+def set_dask_log_level(level: int) -> None:
+    """Level of Dask's loggers (:data:`DASK_LOGGERS`) in this process, now and after ``distributed`` is
+    imported (its import sets ``distributed`` to INFO from its config), and in the worker processes of a
+    LocalCluster started from here (through :data:`DASK_LOG_ENV`, which they inherit)."""
+    global _dask_log_level
+    _dask_log_level = level
+    os.environ[DASK_LOG_ENV] = logging.getLevelName(level).lower()
+    apply_dask_log_level()
+
+
+def apply_dask_log_level() -> None:
+    """Set Dask's loggers to the level chosen with :func:`set_dask_log_level` (no-op when none was)."""
+    if _dask_log_level is not None:
+        for name in DASK_LOGGERS:
+            logging.getLogger(name).setLevel(_dask_log_level)
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -326,11 +350,13 @@ class DaskExecutor:
         """A connected ``distributed.Client`` (and its LocalCluster when no scheduler was given)."""
         from distributed import Client, LocalCluster
 
+        apply_dask_log_level()  # importing distributed may have reset its level from Dask's config
         if self.scheduler is None:
             resources = {"GPU": 1} if self.gpu else None
             cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
                                    dashboard_address=None, env=thread_env(self.threads_per_worker),
-                                   resources=resources)
+                                   resources=resources,
+                                   silence_logs=logging.WARNING if _dask_log_level is None else _dask_log_level)
             try:
                 with _closing_client(Client(cluster)) as client:
                     yield client
