@@ -10,6 +10,6 @@ BEST=$(grep '"val_mean"' "training/$NAME/log.jsonl" | python3 -c '
 import json, sys
 rows = [json.loads(line) for line in sys.stdin]
 best = max(rows, key=lambda r: r["val_mean"]) if rows else None
-print(f"best val mean Dice {best[\"val_mean\"]} at step {best[\"step\"]}" if best else "not validated yet")')
+print("best val mean Dice %s at step %s" % (best["val_mean"], best["step"]) if best else "not validated yet")')
 git add "training/$NAME" "bml_pipeline/models/$NAME.safetensors" 2>/dev/null || git add "training/$NAME"
 git commit -q -m "$NAME training at step $STEP ($BEST): weights and log" && git log --oneline -1
