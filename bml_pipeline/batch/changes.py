@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bml_pipeline.batch import store
-from bml_pipeline.batch.manifest import ScanSpec, scan_sort_key
+from bml_pipeline.batch.manifest import ScanSpec, pair_dir, scan_sort_key
 from bml_pipeline.batch.worker import (
     LOG_NAME,
     BatchSettings,
@@ -93,7 +93,7 @@ class PairTask:
 
     @property
     def pair_dir(self) -> Path:
-        return self.out / self.baseline.subject / "changes" / f"{self.baseline.visit}_to_{self.followup.visit}"
+        return pair_dir(self.out, self.baseline, self.followup, self.settings.layout)
 
     def failed(self, reason: str) -> ScanOutcome:
         return ScanOutcome(*self.key, "failed", None, reason)
@@ -108,7 +108,7 @@ class PairTask:
         writes); its completion marker is written last, so the pair is redone on resume."""
         store.remove_partial(self.pair_dir)
         if self.renders_report:
-            store.remove_partial(self.followup.run_dir(self.out))
+            store.remove_partial(self.followup.run_dir(self.out, self.settings.layout))
 
     def execute(self, device: str | None = None) -> ScanOutcome:
         """Compare the two visits and re-render the follow-up's report (or reuse a finished pair stage of
@@ -119,7 +119,8 @@ class PairTask:
         or overwritten since (the follow-up scan recomputed), is redone on resume.
         """
         start = time.perf_counter()
-        base_dir, foll_dir = self.baseline.run_dir(self.out), self.followup.run_dir(self.out)
+        base_dir = self.baseline.run_dir(self.out, self.settings.layout)
+        foll_dir = self.followup.run_dir(self.out, self.settings.layout)
         try:
             inputs = {"baseline": store.scan_identity(base_dir), "followup": store.scan_identity(foll_dir)}
         except OSError as exc:

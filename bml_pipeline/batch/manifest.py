@@ -53,9 +53,44 @@ class ScanSpec:
         """``(subject, visit)``, unique within a manifest."""
         return (self.subject, self.visit)
 
-    def run_dir(self, out: Path) -> Path:
-        """The scan's run directory under the batch output folder ``out``."""
+    def run_dir(self, out: Path, layout: str = "default") -> Path:
+        """The scan's run directory under the batch output folder ``out``: ``<subject>/<visit>`` or, with
+        ``layout="bids"``, ``sub-<subject>/ses-<visit>`` (BIDS-derivatives-like)."""
+        if layout == "bids":
+            return Path(out) / f"sub-{self.subject}" / f"ses-{self.visit}"
         return Path(out) / self.subject / self.visit
+
+
+LAYOUTS = ("default", "bids")
+_BIDS_LABEL = re.compile(r"[A-Za-z0-9]+")
+
+
+def pair_dir(out: Path, baseline: ScanSpec, followup: ScanSpec, layout: str = "default") -> Path:
+    """The folder of a visit pair's ``change.json``: ``<subject>/changes/<a>_to_<b>`` or, with the BIDS
+    layout, ``sub-<subject>/changes/ses-<a>_to_ses-<b>``."""
+    if layout == "bids":
+        return Path(out) / f"sub-{baseline.subject}" / "changes" / f"ses-{baseline.visit}_to_ses-{followup.visit}"
+    return Path(out) / baseline.subject / "changes" / f"{baseline.visit}_to_{followup.visit}"
+
+
+def check_bids_labels(specs: list[ScanSpec], manifest: Path) -> None:
+    """BIDS labels are letters and digits only: refuse a manifest whose subjects or visits are not."""
+    bad = sorted({v for s in specs for v in (s.subject, s.visit) if not _BIDS_LABEL.fullmatch(v)})
+    if bad:
+        raise InputError(manifest, f"--layout bids needs subject and visit labels of letters and digits only; "
+                                   f"not {', '.join(repr(b) for b in bad[:5])}{' ...' if len(bad) > 5 else ''}")
+
+
+def write_dataset_description(out: Path) -> None:
+    """``dataset_description.json`` of a BIDS-derivatives-like output folder."""
+    import json
+
+    from bml_pipeline import __version__
+    from bml_pipeline.io import write_text_atomic
+
+    description = {"Name": "bml-pipeline derivatives", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+                   "GeneratedBy": [{"Name": "bml-pipeline", "Version": __version__}]}
+    write_text_atomic(Path(out) / "dataset_description.json", json.dumps(description, indent=2) + "\n")
 
 
 def visit_sort_key(visit: str) -> tuple[tuple[int, int, str], ...]:

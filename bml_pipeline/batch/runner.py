@@ -98,7 +98,7 @@ def run_batch(
     unfinished: dict[tuple[str, str], Any] = {}  # jobs handed to the executor without an outcome yet
     try:
         with executor:  # workers stay up from the scans to the pairs
-            tasks = [ScanTask(spec, spec.run_dir(out), settings, resume, scan_fn) for spec in scans]
+            tasks = [ScanTask(spec, spec.run_dir(out, settings.layout), settings, resume, scan_fn) for spec in scans]
             if on_stage is not None:
                 on_stage("scans", len(tasks))
             unfinished.update((t.key, t) for t in tasks)

@@ -52,6 +52,8 @@ class BatchSettings:
     model: str | None = None
     device: str = "auto"
     report: bool = True
+    layout: str = "default"
+    """Run-folder layout: "default" (``<subject>/<visit>``) or "bids" (``sub-<id>/ses-<visit>``)."""
 
 
 ScanFunction = Callable[[ScanSpec, Path, BatchSettings, dict[str, Any]], dict[str, Any]]

@@ -53,6 +53,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schema", default="oai_zib", help="label schema name or YAML file")
     parser.add_argument("--config", metavar="YAML", help="config file whose 'measure' section is used")
     parser.add_argument("--no-report", action="store_true", help="skip the per-scan and cohort HTML reports")
+    parser.add_argument("--layout", choices=("default", "bids"), default="default",
+                        help="run folders <subject>/<visit> (default) or BIDS-derivatives-like sub-<id>/ses-<visit> "
+                             "with dataset_description.json")
     parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     parser.add_argument("--verbose", action="store_true",
                         help="INFO lines of the pipeline (also above the progress bar) and of Dask (kept at "
@@ -79,6 +82,7 @@ def _run_batch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from bml_pipeline.batch import BatchSettings, DaskExecutor, LocalExecutor, load_manifest, run_batch
+    from bml_pipeline.batch.manifest import check_bids_labels, write_dataset_description
     from bml_pipeline.errors import InputError
     from bml_pipeline.labels import load_schema
     from bml_pipeline.measure import load_measure_config
@@ -102,7 +106,11 @@ def _run_batch(args: argparse.Namespace) -> int:
         executor = LocalExecutor(args.workers, args.threads_per_worker)
         where = f"{args.workers} local worker(s)" if args.workers else "this process"
     settings = BatchSettings(schema=schema, config_file=config_file, model=args.model, device=args.device,
-                             report=not args.no_report)
+                             report=not args.no_report, layout=args.layout)
+    if args.layout == "bids":
+        check_bids_labels(list(scans), Path(args.manifest))
+        out.mkdir(parents=True, exist_ok=True)
+        write_dataset_description(out)
     print(f"batch: {len(scans)} scans from {args.manifest} -> {out} on {where}"
           + (" (resuming)" if args.resume else ""), file=sys.stderr)
 

@@ -122,7 +122,8 @@ def scan_rows(out_dir: Path, cohort: Any, bml_col: str | None, thickness: dict[s
     rows = []
     for record in _records(cohort):
         subject, visit = str(record.get("subject", "")), str(record.get("visit", ""))
-        link = f"{subject}/{visit}/report.html"
+        links = [f"{subject}/{visit}/report.html", f"sub-{subject}/ses-{visit}/report.html"]  # either layout
+        link = next((candidate for candidate in links if (out_dir / candidate).is_file()), links[0])
         rows.append({"subject": subject, "visit": visit, "side": record.get("side"),
                      "bml": number(record.get(bml_col)) if bml_col else None,
                      "thickness": {p: number(record.get(c)) for p, c in thickness.items()},
