@@ -306,3 +306,21 @@ def test_fine_model_without_its_coarse_model_is_refused(tmp_path: Path) -> None:
     save_weights(path, build_network(fine_cfg), fine_cfg)
     with pytest.raises(InputError, match="no_such_model: no shipped model of this name"):
         Predictor.load(path, device="cpu")
+
+
+def test_cropped_resampling_gives_the_same_labels_as_the_full_grid() -> None:
+    """Only the box of the working grid's foreground is interpolated; the labels do not change."""
+    import torch
+
+    rng = np.random.default_rng(4)
+    work_affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    work_affine[:3, 3] = (-20.0, -15.0, -10.0)
+    logits = torch.from_numpy(rng.normal(0, 1, (4, 20, 22, 18)).astype(np.float32))
+    logits[0] += 4.0
+    logits[0, 5:12, 6:15, 4:10] -= 8.0  # foreground in one block
+    probs = torch.softmax(logits, dim=0)
+    image = Volume(np.zeros((40, 31, 37), np.float32), _oblique_affine((0.7, 0.9, 0.8), 20.0))
+    image = Volume(image.array, image.affine @ np.array([[1, 0, 0, -20], [0, 1, 0, -15], [0, 0, 1, -20], [0, 0, 0, 1.0]]))
+    full = probabilities_to_labels(probs, work_affine, image, slab_voxels=5000, crop=False)
+    cropped = probabilities_to_labels(probs, work_affine, image, slab_voxels=5000, crop=True)
+    assert full.any() and np.array_equal(full, cropped)
