@@ -103,3 +103,15 @@ def test_frame_ignores_a_patella_in_the_thigh(knee: Volume) -> None:
     assert good is not None and moved is not None
     assert good.anterior_source == "patella" and moved.anterior_source != "patella"
     assert float(np.dot(moved.anterior, [0.0, 1.0, 0.0])) > 0.9  # still anterior, from the femoral shaft
+
+
+def test_structures_the_model_cannot_label_are_not_measured(knee: Volume) -> None:
+    """A bones-and-cartilage model has no lesion classes: BML is null (not 0) and marked unreliable."""
+    from bml_pipeline.measure import measure_labels
+
+    lesions = ["femoral_bml", "tibial_bml", "patellar_bml"]
+    m = measure_labels(knee, SCHEMA, side="right", segmentation_quality={"not_segmented": lesions})
+    assert all(m.bml[bone] is None for bone in ("femur", "tibia", "patella"))
+    assert m.qc is not None and m.qc.status == "warn" and set(lesions) <= set(m.qc.unreliable)
+    assert "does not label femoral_bml, tibial_bml, patellar_bml: not measured" in m.qc.summary()
+    assert m.to_dict()["bml"]["total_volume_cm3"] is None

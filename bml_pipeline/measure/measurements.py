@@ -149,7 +149,8 @@ def measure_labels(labels: Volume, schema: LabelSchema, *, side: str | None = No
     _check_structures(volumes, schema, source)
     lap("volumes")
     quality = segmentation_quality or {}
-    qc = check_labels(labels, schema, volumes, quality.get("confidence"), quality.get("tta_agreement"))
+    qc = check_labels(labels, schema, volumes, quality.get("confidence"), quality.get("tta_agreement"),
+                      quality.get("not_segmented"))
     lap("qc")
 
     points = bone_point_sets(labels, schema)
@@ -166,7 +167,8 @@ def measure_labels(labels: Volume, schema: LabelSchema, *, side: str | None = No
     bml: dict[str, dict[str, Any] | None] = {}
     for bone in schema.bones:
         lesion = schema.lesion_of(bone.name)
-        if volumes.get(bone.name) is None or lesion is None:
+        not_segmented = lesion is not None and lesion.name in (quality.get("not_segmented") or ())
+        if volumes.get(bone.name) is None or lesion is None or not_segmented:  # null: not measured
             bml[bone.name] = None
             continue
         if volumes.get(lesion.name) is None:
