@@ -127,20 +127,24 @@ def check_labels(labels: Volume, schema: LabelSchema, volumes_cm3: dict[str, flo
     checks += _field_of_view_checks(grid, bones)
     if confidence:
         metrics["confidence"] = {k: round(v, 3) for k, v in confidence.items()}
-        low = [k for k, v in confidence.items() if v < LOW_CONFIDENCE]
-        checks.append(Check("confidence", "warn" if low else "pass",
-                            f"low model confidence (mean max-probability < {LOW_CONFIDENCE}) for {', '.join(low)}"
-                            if low else "model confident for every structure", tuple(low)))
+        checks.append(_floor_check("confidence", confidence, LOW_CONFIDENCE, "warn",
+                                   "low model confidence (mean max-probability", "model confident for every structure"))
     if not_segmented:
         checks.append(Check("not_segmented", "warn", "the segmentation model does not label "
                             f"{', '.join(not_segmented)}: not measured", tuple(not_segmented)))
     if tta_agreement:
         metrics["tta_agreement_dice"] = {k: round(v, 3) for k, v in tta_agreement.items()}
-        low = [k for k, v in tta_agreement.items() if v < LOW_TTA_AGREEMENT]
-        checks.append(Check("tta_agreement", "fail" if low else "pass",
-                            f"prediction and its mirror disagree (Dice < {LOW_TTA_AGREEMENT}) for {', '.join(low)}"
-                            if low else "prediction agrees with its mirror", tuple(low)))
+        checks.append(_floor_check("tta_agreement", tta_agreement, LOW_TTA_AGREEMENT, "fail",
+                                   "prediction and its mirror disagree (Dice", "prediction agrees with its mirror"))
     return QcResult(tuple(checks), metrics)
+
+
+def _floor_check(name: str, values: dict[str, float], floor: float, status: str, problem: str, fine: str) -> Check:
+    """``status`` naming the structures whose value is below ``floor``, else pass."""
+    low = [k for k, v in values.items() if v < floor]
+    if not low:
+        return Check(name, "pass", fine)
+    return Check(name, status, f"{problem} < {floor}) for {', '.join(low)}", tuple(low))
 
 
 def _volume_checks(volumes: dict[str, float | None], schema: LabelSchema) -> list[Check]:
