@@ -13,7 +13,8 @@ import numpy as np
 from scipy import ndimage
 
 from bml_pipeline.errors import InputError
-from bml_pipeline.volume import Volume, bounding_box
+from bml_pipeline.measure.volumes import label_box
+from bml_pipeline.volume import Volume
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,21 @@ class LesionSet:
         lesions: kept lesions (volume >= ``min_volume_mm3``), sorted by decreasing volume.
         mask: boolean mask (label grid) of the kept lesion voxels.
         ignored_volume_mm3: total volume of the components smaller than ``min_volume_mm3``.
+        box: index box of the label grid outside which ``mask`` is false (None: not known).
     """
 
     lesions: tuple[Lesion, ...]
     mask: np.ndarray
     ignored_volume_mm3: float
+    box: tuple[slice, slice, slice] | None = None
+
+    def mask_indices(self) -> tuple[np.ndarray, ...]:
+        """``np.nonzero(mask)``, from the voxels of ``box`` only when it is known (same indices, same
+        order: C order within a box is C order of the grid)."""
+        if self.box is None:
+            return np.nonzero(self.mask)
+        found = np.nonzero(self.mask[self.box])
+        return tuple(i + s.start for i, s in zip(found, self.box))
 
     @property
     def volume_mm3(self) -> float:
@@ -61,9 +72,9 @@ def find_lesions(labels: Volume, lesion_id: int, bone_id: int, *, min_volume_mm3
     """
     array = labels.array
     full_mask = np.zeros(array.shape, dtype=bool)
-    box = bounding_box(array == lesion_id, margin=1)
+    box = label_box(array, lesion_id, margin=1)
     if box is None:
-        return LesionSet((), full_mask, 0.0)
+        return LesionSet((), full_mask, 0.0, (slice(0, 0),) * 3)
     sub = array[box]
     lesion = sub == lesion_id
     components, n = ndimage.label(lesion, structure=ndimage.generate_binary_structure(3, connectivity))
@@ -99,7 +110,7 @@ def find_lesions(labels: Volume, lesion_id: int, bone_id: int, *, min_volume_mm3
     kept_labels[1:] = keep
     full_mask[box] = kept_labels[components]
     lesions.sort(key=lambda les: (-les.volume_mm3, les.centroid_mm))
-    return LesionSet(tuple(lesions), full_mask, ignored)
+    return LesionSet(tuple(lesions), full_mask, ignored, box)
 
 
 def largest_diameter_mm(mask: np.ndarray, affine: np.ndarray, offset: np.ndarray | None = None) -> float:

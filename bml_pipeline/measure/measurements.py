@@ -25,6 +25,7 @@ from bml_pipeline.measure.lesions import LesionSet, find_lesions
 from bml_pipeline.measure.side import SideEstimate, estimate_side
 from bml_pipeline.measure.subregions import BONE_REGIONS, CARTILAGE_REGIONS, SubregionModel, build_subregions
 from bml_pipeline.measure.thickness import ThicknessResult, available_threads, cartilage_thickness
+from bml_pipeline.measure.threads import blas_single_threaded
 from bml_pipeline.measure.volumes import MM3_PER_CM3, check_label_values, structure_volumes
 from bml_pipeline.qc import Check, QcResult, check_labels
 from bml_pipeline.volume import Volume
@@ -127,6 +128,13 @@ def measure_labels(labels: Volume, schema: LabelSchema, *, side: str | None = No
         InputError: values not in the schema, image on another grid, an empty map, a cartilage plate or
             lesion without its bone, or a lesion that does not touch its bone.
     """
+    with blas_single_threaded():  # the stage spreads its work over its own threads (see .threads)
+        return _measure_labels(labels, schema, side, image, config, segmentation_quality)
+
+
+def _measure_labels(labels: Volume, schema: LabelSchema, side: str | None, image: Volume | None,
+                    config: MeasureConfig | None,
+                    segmentation_quality: dict[str, dict[str, float]] | None) -> Measurements:
     config = config or MeasureConfig()
     source = labels.meta.source
     timings: dict[str, float] = {}
@@ -148,49 +156,58 @@ def measure_labels(labels: Volume, schema: LabelSchema, *, side: str | None = No
     volumes = structure_volumes(labels, schema, counts)
     _check_structures(volumes, schema, source)
     lap("volumes")
-    quality = segmentation_quality or {}
-    qc = check_labels(labels, schema, volumes, quality.get("confidence"), quality.get("tta_agreement"),
-                      quality.get("not_segmented"))
-    lap("qc")
 
-    points = bone_point_sets(labels, schema)
-    axes = knee_axes(labels, schema, points)
-    side_estimate = estimate_side(labels, schema, side=side, axes=axes, points=points,
-                                  metadata_side=image.meta.laterality if image is not None else None)
-    if side_estimate.conflict:
-        qc = QcResult((*qc.checks, Check("side", "warn", side_estimate.conflict)), qc.metrics)
-    model = build_subregions(axes, side_estimate.side, points) if axes is not None and side_estimate.side else None
-    if model is None:
-        log.warning("%s: no anatomical frame or side; subregions are left out", source)
-    lap("anatomy")
-
-    bml: dict[str, dict[str, Any] | None] = {}
-    for bone in schema.bones:
-        lesion = schema.lesion_of(bone.name)
-        not_segmented = lesion is not None and lesion.name in (quality.get("not_segmented") or ())
-        if volumes.get(bone.name) is None or lesion is None or not_segmented:  # null: not measured
-            bml[bone.name] = None
-            continue
-        if volumes.get(lesion.name) is None:
-            found = LesionSet((), np.zeros(labels.shape, dtype=bool), 0.0)
-        else:
-            found = find_lesions(labels, lesion.id, bone.id, min_volume_mm3=config.min_lesion_volume_mm3,
-                                 connectivity=config.lesion_connectivity, name=lesion.name)
-        bml[bone.name] = _bone_bml(labels, schema, bone.name, found, model)
-    lap("lesions")
-
-    cartilage: dict[str, dict[str, Any] | None] = {}
-    thickness: dict[str, ThicknessResult] = {}
-    plates = [p for p in schema.of_kind("cartilage")
+    # Cartilage thickness needs only the labels: the plates start now, on their own threads, while this
+    # thread does QC, anatomy and lesions (the heavy steps of both release the GIL). Every number is
+    # the same as when they ran one after the other.
+    plates = [p.name for p in schema.of_kind("cartilage")
               if volumes.get(p.name) is not None and p.bone is not None and volumes.get(p.bone) is not None]
 
     def plate_thickness(name: str) -> tuple[ThicknessResult, float]:
         start = time.perf_counter()
         return cartilage_thickness(labels, schema, name, config=config), time.perf_counter() - start
 
-    # Plates are independent and their heavy steps (scipy.ndimage, SimpleITK) release the GIL.
-    with ThreadPoolExecutor(max_workers=min(available_threads(), max(len(plates), 1))) as pool:
-        results = dict(zip([p.name for p in plates], pool.map(plate_thickness, [p.name for p in plates])))
+    thickness_start = time.perf_counter()
+    pool = ThreadPoolExecutor(max_workers=min(available_threads(), max(len(plates), 1)))
+    try:
+        futures = {name: pool.submit(plate_thickness, name) for name in plates}  # largest plate first
+        quality = segmentation_quality or {}
+        qc = check_labels(labels, schema, volumes, quality.get("confidence"), quality.get("tta_agreement"),
+                          quality.get("not_segmented"))
+        lap("qc")
+
+        points = bone_point_sets(labels, schema)
+        axes = knee_axes(labels, schema, points)
+        side_estimate = estimate_side(labels, schema, side=side, axes=axes, points=points,
+                                      metadata_side=image.meta.laterality if image is not None else None)
+        if side_estimate.conflict:
+            qc = QcResult((*qc.checks, Check("side", "warn", side_estimate.conflict)), qc.metrics)
+        model = (build_subregions(axes, side_estimate.side, points)
+                 if axes is not None and side_estimate.side else None)
+        if model is None:
+            log.warning("%s: no anatomical frame or side; subregions are left out", source)
+        lap("anatomy")
+
+        bml: dict[str, dict[str, Any] | None] = {}
+        for bone in schema.bones:
+            lesion = schema.lesion_of(bone.name)
+            not_segmented = lesion is not None and lesion.name in (quality.get("not_segmented") or ())
+            if volumes.get(bone.name) is None or lesion is None or not_segmented:  # null: not measured
+                bml[bone.name] = None
+                continue
+            if volumes.get(lesion.name) is None:
+                found = LesionSet((), np.zeros(labels.shape, dtype=bool), 0.0, (slice(0, 0),) * 3)
+            else:
+                found = find_lesions(labels, lesion.id, bone.id, min_volume_mm3=config.min_lesion_volume_mm3,
+                                     connectivity=config.lesion_connectivity, name=lesion.name)
+            bml[bone.name] = _bone_bml(labels, schema, bone.name, found, model)
+        lap("lesions")
+        results = {name: future.result() for name, future in futures.items()}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    cartilage: dict[str, dict[str, Any] | None] = {}
+    thickness: dict[str, ThicknessResult] = {}
     for plate in schema.of_kind("cartilage"):
         if plate.name not in results:
             cartilage[plate.name] = None
@@ -199,7 +216,8 @@ def measure_labels(labels: Volume, schema: LabelSchema, *, side: str | None = No
         thickness[plate.name] = result
         cartilage[plate.name] = _plate_entry(result, volumes[plate.name], plate.bone, model)
         timings[f"thickness_{plate.name}"] = seconds  # each plate's own wall time (plates run concurrently)
-    lap("thickness")
+    lap("thickness_wait")  # thickness left to finish after the lesions
+    timings["thickness"] = time.perf_counter() - thickness_start  # all plates, alongside qc/anatomy/lesions
 
     anatomy = None
     if axes is not None:
@@ -240,7 +258,7 @@ def _bone_bml(labels: Volume, schema: LabelSchema, bone: str, found: LesionSet,
     sub_ijk = np.nonzero(lut[labels.array[::step, ::step, ::step]])
     bone_region = model.classify_voxels(bone, labels.affine, tuple(i * step for i in sub_ijk))
     bone_counts = step ** 3 * np.bincount(bone_region[bone_region >= 0], minlength=len(names))
-    lesion_region = model.classify_voxels(bone, labels.affine, np.nonzero(found.mask))
+    lesion_region = model.classify_voxels(bone, labels.affine, found.mask_indices())
     lesion_counts = np.bincount(lesion_region[lesion_region >= 0], minlength=len(names))
     entry["outside_subregions_cm3"] = float(np.count_nonzero(lesion_region < 0) * voxel_mm3 / MM3_PER_CM3)
     for i, name in enumerate(names):
@@ -310,7 +328,8 @@ def write_measurements(out_dir: str | Path, measurements: Measurements, provenan
     All text is rendered before anything is written, and each file is written atomically (temporary
     file + rename), so a failure never leaves a half-written file.
     """
-    from bml_pipeline.io import write_nifti, write_text_atomic
+    from bml_pipeline.io import write_text_atomic
+    from bml_pipeline.measure.mapfile import write_cropped_map
 
     out = Path(out_dir)
     texts = {
@@ -319,11 +338,20 @@ def write_measurements(out_dir: str | Path, measurements: Measurements, provenan
         "provenance.json": json.dumps(provenance, indent=2, sort_keys=True, default=str) + "\n",
     }
     out.mkdir(parents=True, exist_ok=True)
-    # gzip releases the GIL: the maps compress in parallel threads.
-    from concurrent.futures import ThreadPoolExecutor
-
+    # Each map is streamed from its plate's box (the full-grid file write_nifti would write, in a few
+    # ms); zlib releases the GIL, so the maps are written on up to available_threads() threads.
     maps = sorted(measurements.thickness.items())
-    with ThreadPoolExecutor(max_workers=max(1, len(maps))) as pool:
-        list(pool.map(lambda item: write_nifti(item[1].thickness_map, out / f"thickness_{item[0]}.nii.gz"), maps))
+
+    def write_map(item: tuple[str, ThicknessResult]) -> None:
+        name, result = item
+        write_cropped_map(out / f"thickness_{name}.nii.gz", result.map_crop, result.map_box, result.grid)
+
+    threads = min(available_threads(), len(maps))
+    if threads > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(write_map, maps))
+    else:
+        for item in maps:
+            write_map(item)
     for name, text in texts.items():
         write_text_atomic(out / name, text)
