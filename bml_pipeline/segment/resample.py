@@ -38,34 +38,15 @@ def working_grid(image: Volume, spacing_mm: float) -> tuple[tuple[int, int, int]
     return shape, affine  # type: ignore[return-value]
 
 
-def random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
-    """A 3x3 rotation with independent angles uniform in [-max_deg, max_deg] about x, y and z."""
-    ax, ay, az = np.deg2rad(rng.uniform(-max_deg, max_deg, size=3))
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-def labels_to_working_grid(labels: Volume, spacing_mm: float, rng: np.random.Generator | None = None,
-                           max_rotation_deg: float = 15.0, scale_range: tuple[float, float] = (0.9, 1.1),
-                           flip_x: bool = False) -> Volume:
-    """Resample a label map (nearest neighbour) onto a RAS-aligned grid of ``spacing_mm`` covering it.
-
-    With ``rng`` the anatomy gets a random pose: rotation about the map's centre, isotropic scale and,
-    with ``flip_x``, a random medial-lateral (RAS x) mirror. Without ``rng`` the pose is unchanged.
-    """
+def labels_to_working_grid(labels: Volume, spacing_mm: float) -> Volume:
+    """Resample a label map (nearest neighbour) onto a RAS-aligned grid of ``spacing_mm`` covering it,
+    centred on the map's centre (random poses are the training sampler's job: ``segment.synthesis``)."""
     shape_in = np.array(labels.shape)
-    centre_ijk = (shape_in - 1) / 2.0
-    centre = labels.world_coords(centre_ijk)
+    centre = labels.world_coords((shape_in - 1) / 2.0)
     corners = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)]) * (shape_in - 1)
     extent = np.ptp(labels.world_coords(corners), axis=0)
     shape_out = np.maximum(np.round(extent / spacing_mm).astype(int), 8)
     linear = np.eye(3)
-    if rng is not None:
-        linear = random_rotation(rng, max_rotation_deg) * rng.uniform(*scale_range)
-        if flip_x and rng.random() < 0.5:
-            linear = linear @ np.diag([-1.0, 1.0, 1.0])
     # world point of output voxel o: centre + linear @ ((o - c_out) * spacing)
     c_out = (shape_out - 1) / 2.0
     out_to_world = np.eye(4)

@@ -35,6 +35,7 @@ import numpy as np
 
 from bml_pipeline.labels import load_schema
 from bml_pipeline.synth.image import PRESETS, TISSUES, SynthesisOptions, tissue_map
+from bml_pipeline.synth.sdf import rotation_matrix
 from bml_pipeline.volume import Volume
 
 if TYPE_CHECKING:
@@ -227,8 +228,8 @@ class SampleGenerator:
         source, affine = self.maps[index]
         fine_shape = np.array(o.shape) * o.supersample
         fine_mm = o.spacing_mm / o.supersample
-        angles = np.deg2rad([_uniform(gen, -o.rotation_deg, o.rotation_deg) for _ in range(3)])
-        linear = _rotation(angles) @ np.diag([_uniform(gen, *o.scale) for _ in range(3)])
+        ax, ay, az = (_uniform(gen, -o.rotation_deg, o.rotation_deg) for _ in range(3))
+        linear = rotation_matrix((ax, ay, az)) @ np.diag([_uniform(gen, *o.scale) for _ in range(3)])
         if _uniform(gen, 0, 1) < 0.5:
             linear = linear @ np.diag([-1.0, 1.0, 1.0])
         centre_src = affine[:3, :3] @ ((np.array(source.shape) - 1) / 2) + affine[:3, 3]
@@ -328,14 +329,6 @@ def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
     import torch
 
     return float(lo + (hi - lo) * torch.rand(1, generator=gen))
-
-
-def _rotation(angles: np.ndarray) -> np.ndarray:
-    ax, ay, az = angles
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 def _normalised_theta(out_to_src: np.ndarray, out_shape: np.ndarray, src_shape: np.ndarray) -> np.ndarray:
